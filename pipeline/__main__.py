@@ -1,0 +1,80 @@
+"""Command line of the pipeline (also installed as `cutoff`).
+
+    python -m pipeline run --preset quick                  # every stage built so far, local Ray, ./runs/quick
+    python -m pipeline collect --preset smoke --store s3://bucket/prefix --experiment try1
+    python -m pipeline collect --preset quick --set collect.teachers.darkroom.budget=4000
+    python -m pipeline collect --preset atari --smoke      # any preset shrunk to seconds
+
+Bad input (unknown preset key, wrong type, unknown env id, unusable store) prints one line naming
+the culprit and exits with status 2 before any work starts; a failed run exits with status 1 and
+keeps everything it committed, so rerunning the same command resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pipeline.collect import CollectError, collect
+from pipeline.config import ConfigError, Preset, load_preset
+from pipeline.history import HistoryError
+from pipeline.schema import SchemaError
+from pipeline.store import Store, StoreError
+
+DEFAULT_STORE = "./runs"
+# The stages of DESIGN.md in order; those not built yet are named so `run` can say so.
+STAGES = {"collect": collect}
+NOT_BUILT = ("train", "evaluate", "report")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="cutoff", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=[*STAGES, "run"], help="a stage, or run: every stage in order")
+    parser.add_argument("--preset", required=True, help="a name in jobs/presets/ or a path to a YAML file")
+    parser.add_argument("--store", default=DEFAULT_STORE, help="local folder or URI such as s3://bucket/prefix (default ./runs)")
+    parser.add_argument("--experiment", help="folder in the store; rerunning the same one resumes it (default: the preset name)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a preset field, e.g. collect.teachers.darkroom.budget=4000 (repeatable)")
+    parser.add_argument("--smoke", action="store_true", help="shrink the preset to a run of seconds, same envs and algorithms")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start Ray on this machine)")
+    return parser.parse_args(argv)
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address)
+    else:  # a Ray of our own on this machine; its dashboard listens on localhost only
+        ray.init(dashboard_host="127.0.0.1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        preset: Preset = load_preset(args.preset, args.overrides, smoke=args.smoke)
+        store = Store(args.store)
+        experiment = args.experiment or preset.name
+        store.check_writable(experiment)
+    except (ConfigError, StoreError) as error:
+        print(f"cutoff: error: {error}", file=sys.stderr)
+        return 2
+    stages = list(STAGES) if args.command == "run" else [args.command]
+    try:
+        init_ray(args.address)
+        for stage in stages:
+            STAGES[stage](preset, store, experiment)
+    except ConfigError as error:
+        print(f"cutoff: error: {error}", file=sys.stderr)
+        return 2
+    except (CollectError, HistoryError, SchemaError, StoreError) as error:
+        print(f"cutoff: error: {error}", file=sys.stderr)
+        return 1
+    if args.command == "run":
+        print(f"run: ran {', '.join(stages)}; not built yet: {', '.join(NOT_BUILT)} (see the open issues)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

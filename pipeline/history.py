@@ -1,0 +1,149 @@
+"""One teacher's history and checkpoints in the store, and the protocol that commits them.
+
+Layout, relative to the experiment root:
+
+    histories/env={env}/teacher={id}/part-{first_step:012d}.parquet   committed shards
+    histories/env={env}/teacher={id}/_part-{first_step:012d}.parquet  staged, not yet committed
+    histories/env={env}/teacher={id}/_manifest.json                    the commit record
+    histories/env={env}/teacher={id}/_teacher.json                     what the teacher is (collect.TeacherSpec)
+    teachers/{id}/step={t}/                                            checkpoints
+
+Commit protocol; the manifest is the only commit point:
+  1. stage:      each shard is written whole under a hidden name (`_part-…`), which readers skip;
+  2. checkpoint: the teacher saves its state after the staged shards to teachers/{id}/step={t}/;
+  3. publish:    the staged shards are renamed to their visible names;
+  4. commit:     _manifest.json is replaced atomically, listing the new shards and checkpoint;
+  5. tidy:       resume-point checkpoints that the new manifest no longer lists are deleted.
+A crash before 4 leaves files that no manifest lists. `recover` deletes exactly those, and the
+teacher restarts from the newest listed checkpoint, which always sits where the listed shards end:
+the timeline continues with no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+from urllib.parse import quote
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.schema import CheckpointEntry, Manifest, SchemaError, ShardEntry, check_schema
+from pipeline.store import Store
+
+MANIFEST = "_manifest.json"
+SPEC = "_teacher.json"
+# Files this protocol writes into a teacher's folder; recover() never touches anything else.
+_OURS = ("part-*.parquet", "_part-*.parquet", ".*.tmp")
+
+
+def _is_ours(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in _OURS)
+
+
+class HistoryError(RuntimeError):
+    """Committed history is missing or unreadable; the message names the file."""
+
+
+def shard_name(first_step: int) -> str:
+    return f"part-{first_step:012d}.parquet"
+
+
+def histories_dir(experiment: str) -> str:
+    return f"{experiment}/histories"
+
+
+class TeacherHistory:
+    def __init__(self, store: Store, experiment: str, env_id: str, teacher_id: str):
+        self.store, self.experiment, self.teacher_id = store, experiment, teacher_id
+        # Env ids such as ALE/Breakout-v5 are URI-encoded; pyarrow and DuckDB decode hive values.
+        self.dir = f"{histories_dir(experiment)}/env={quote(env_id, safe='')}/teacher={teacher_id}"
+        self.checkpoints_dir = f"{experiment}/teachers/{teacher_id}"
+
+    def path(self, name: str) -> str:
+        return f"{self.dir}/{name}"
+
+    def checkpoint_path(self, step: int) -> str:
+        """Store path of the checkpoint taken after `step` env steps."""
+        return f"{self.checkpoints_dir}/step={step}"
+
+    def checkpoint_entry(self, step: int, cutoff: float | None) -> CheckpointEntry:
+        return CheckpointEntry(step=step, path=posixpath.relpath(self.checkpoint_path(step), self.experiment), cutoff=cutoff)
+
+    # --- reading ---
+
+    def read_manifest(self) -> Manifest:
+        """The committed manifest; an empty one if this teacher never committed anything."""
+        where = self.store.url(self.path(MANIFEST))
+        try:
+            data = self.store.read_bytes(self.path(MANIFEST))
+        except FileNotFoundError:
+            return Manifest()
+        try:
+            return Manifest.from_json(data, where)
+        except SchemaError as error:
+            raise HistoryError(f"{error}. Nothing was changed; repair or remove it to recollect this teacher.") from error
+
+    def verify(self, manifest: Manifest) -> None:
+        """Check every committed shard exists, is readable Parquet of this schema, with the listed rows."""
+        for shard in manifest.shards:
+            path = self.path(shard.path)
+            where = self.store.url(path)
+            try:
+                with self.store.fs.open(self.store.full(path), "rb") as handle:
+                    metadata = pq.ParquetFile(handle).metadata
+                check_schema(metadata.schema.to_arrow_schema(), where)
+            except FileNotFoundError as error:
+                raise HistoryError(f"committed shard {where} is missing. Nothing was deleted.") from error
+            except (pa.ArrowException, OSError, SchemaError) as error:
+                raise HistoryError(f"committed shard {where} is unreadable ({error}). Nothing was deleted.") from error
+            if metadata.num_rows != shard.rows:
+                raise HistoryError(f"committed shard {where} has {metadata.num_rows} rows, the manifest lists {shard.rows}. Nothing was deleted.")
+
+    def read(self, manifest: Manifest | None = None) -> pa.Table:
+        """All committed rows, in step order."""
+        manifest = manifest or self.read_manifest()
+        tables = []
+        for shard in manifest.shards:
+            with self.store.fs.open(self.store.full(self.path(shard.path)), "rb") as handle:
+                tables.append(pq.read_table(handle))
+        return pa.concat_tables(tables) if tables else pa.table({})
+
+    # --- the commit protocol ---
+
+    def recover(self) -> Manifest:
+        """Verify what is committed and delete what a crashed run left uncommitted."""
+        manifest = self.read_manifest()
+        self.verify(manifest)
+        committed = {shard.path for shard in manifest.shards}
+        for name in self.store.list_names(self.dir):
+            if name not in committed and _is_ours(name):
+                self.store.delete(self.path(name))
+        listed = {posixpath.basename(c.path) for c in manifest.checkpoints}
+        for name in self.store.list_names(self.checkpoints_dir):
+            if name.startswith("step=") and name not in listed:
+                self.store.delete(f"{self.checkpoints_dir}/{name}")
+        return manifest
+
+    def stage(self, table: pa.Table) -> ShardEntry:
+        """Write a shard under its hidden name; it is published by the next `commit`."""
+        first, last = table["step"][0].as_py(), table["step"][-1].as_py()
+        entry = ShardEntry(path=shard_name(first), rows=table.num_rows, first_step=first, last_step=last)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        self.store.write_bytes(self.path("_" + entry.path), sink.getvalue().to_pybytes())
+        return entry
+
+    def commit(self, manifest: Manifest, staged: list[ShardEntry], checkpoint: CheckpointEntry, complete: bool) -> Manifest:
+        """Publish staged shards with the checkpoint taken right after them; returns the new manifest."""
+        for entry in staged:
+            self.store.rename(self.path("_" + entry.path), self.path(entry.path))
+        # Cutoff checkpoints are kept for later stages; a resume point only until the next commit.
+        kept = [c for c in manifest.checkpoints if c.cutoff is not None]
+        new = Manifest(complete=complete, shards=manifest.shards + staged, checkpoints=kept + [checkpoint])
+        new.validate(self.store.url(self.path(MANIFEST)))
+        self.store.write_bytes(self.path(MANIFEST), new.to_json())
+        for old in manifest.checkpoints:
+            if old not in new.checkpoints:
+                self.store.delete(f"{self.experiment}/{old.path}")
+        return new

@@ -1,0 +1,47 @@
+"""Teachers: learners whose every acted transition is recorded.
+
+All teachers implement one API (the fleet, the evaluation arms and the tests use only this):
+
+    teacher = make_teacher(algo, env_id, env_kwargs, seed=0, budget=20_000, config={...})
+    batch = teacher.train_steps(n)   # learn for n env steps; returns the Transitions it acted in
+    teacher.step                     # env steps taken so far = global step of its next transition
+    teacher.save(directory)          # everything needed to continue the same timeline
+    teacher.restore(directory)
+    teacher.act(obs)                 # greedy action of the current (frozen) policy
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from pydantic import TypeAdapter
+
+from pipeline.schema import ObsEncoding, Transitions
+from pipeline.teachers.tabular import QLearningConfig, QLearningTeacher
+
+
+class Teacher(Protocol):
+    encoding: ObsEncoding
+    step: int
+
+    def train_steps(self, n: int) -> Transitions: ...
+    def save(self, directory: str) -> None: ...
+    def restore(self, directory: str) -> None: ...
+    def act(self, obs: Any) -> int: ...
+
+
+# algo name -> (typed config, teacher class)
+ALGORITHMS: dict[str, tuple[type, type]] = {
+    "qlearning": (QLearningConfig, QLearningTeacher),
+}
+
+
+def algo_config(algo: str, raw: dict[str, Any]):
+    """Validate a preset's `algo_config` mapping into the algorithm's typed config."""
+    config_type, _ = ALGORITHMS[algo]
+    return TypeAdapter(config_type).validate_python(raw)
+
+
+def make_teacher(algo: str, env_id: str, env_kwargs: dict[str, Any], *, seed: int, budget: int, config: dict[str, Any]) -> Teacher:
+    _, teacher_type = ALGORITHMS[algo]
+    return teacher_type(env_id, env_kwargs, seed=seed, budget=budget, config=algo_config(algo, config))

@@ -1,0 +1,98 @@
+"""Tabular Q-learning with epsilon-greedy exploration, for envs with discrete observations and actions."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import gymnasium as gym
+import numpy as np
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
+
+import pipeline.envs  # noqa: F401  (registers the project's envs)
+from pipeline.schema import ObsEncoding, Transitions
+
+CHECKPOINT_FILE = "qlearning.pkl"
+
+
+@dataclass(config=ConfigDict(extra="forbid"))
+class QLearningConfig:
+    learning_rate: float = Field(0.1, gt=0, le=1)
+    gamma: float = Field(0.9, ge=0, le=1)
+    epsilon_start: float = Field(1.0, ge=0, le=1)
+    epsilon_end: float = Field(0.05, ge=0, le=1)
+    epsilon_decay: float = Field(0.8, gt=0, le=1)  # fraction of the budget over which epsilon falls linearly
+
+
+class QLearningTeacher:
+    """One Q-table, one env. Every env step is one TD update, so policy_version == step."""
+
+    def __init__(self, env_id: str, env_kwargs: dict, *, seed: int, budget: int, config: QLearningConfig):
+        self.env = gym.make(env_id, **env_kwargs)
+        self.check_spaces(env_id, self.env.observation_space, self.env.action_space)
+        self.encoding = ObsEncoding.for_space(self.env.observation_space)
+        self.config, self.budget = config, budget
+        self.rng = np.random.default_rng(seed)
+        # Tiny random values break argmax ties randomly instead of always picking action 0.
+        self.q = self.rng.uniform(0, 1e-6, (self.env.observation_space.n, self.env.action_space.n))
+        self.obs, _ = self.env.reset(seed=seed)
+        self.step, self.episode, self.episode_step = 0, 0, 0
+
+    @staticmethod
+    def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Space) -> None:
+        if not all(isinstance(space, gym.spaces.Discrete) for space in (observation_space, action_space)):
+            raise ValueError(f"qlearning needs discrete observations and actions; {env_id} has {observation_space} and {action_space}")
+
+    def epsilon(self, steps: np.ndarray) -> np.ndarray:
+        c = self.config
+        progress = np.minimum(steps / (c.epsilon_decay * self.budget), 1.0)
+        return c.epsilon_start + progress * (c.epsilon_end - c.epsilon_start)
+
+    def train_steps(self, n: int, record: bool = True) -> Transitions | None:
+        """Act and learn for n env steps; return what was acted in (None when record=False)."""
+        out = Transitions.empty(n, self.encoding) if record else None
+        # One uniform per step, so splitting the same steps into other calls gives the same timeline:
+        # explore when u < epsilon, and then u / epsilon picks the random action.
+        u = self.rng.random(n)
+        epsilon = self.epsilon(np.arange(self.step, self.step + n))
+        explore = u < epsilon
+        n_actions = self.env.action_space.n
+        random_actions = np.minimum((u / np.maximum(epsilon, 1e-12) * n_actions).astype(np.int64), n_actions - 1)
+        q, env, lr, gamma = self.q, self.env, self.config.learning_rate, self.config.gamma
+        obs, episode, episode_step = self.obs, self.episode, self.episode_step
+        for i in range(n):
+            action = int(random_actions[i]) if explore[i] else int(q[obs].argmax())
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            target = reward if terminated else reward + gamma * q[next_obs].max()
+            q[obs, action] += lr * (target - q[obs, action])
+            if record:
+                out.step[i], out.episode[i], out.episode_step[i] = self.step + i, episode, episode_step
+                out.obs[i], out.action[i], out.reward[i] = obs, action, reward
+                out.terminated[i], out.truncated[i], out.policy_version[i] = terminated, truncated, self.step + i
+            if terminated or truncated:
+                next_obs, _ = env.reset()
+                episode, episode_step = episode + 1, 0
+            else:
+                episode_step += 1
+            obs = next_obs
+        self.obs, self.episode, self.episode_step = obs, episode, episode_step
+        self.step += n
+        return out
+
+    def act(self, obs) -> int:
+        return int(self.q[obs].argmax())
+
+    # The env is pickled with its state, so a restored teacher continues mid-episode exactly.
+    _STATE = ("q", "rng", "env", "obs", "step", "episode", "episode_step")
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CHECKPOINT_FILE), "wb") as handle:
+            pickle.dump({name: getattr(self, name) for name in self._STATE}, handle)
+
+    def restore(self, directory: str) -> None:
+        with open(os.path.join(directory, CHECKPOINT_FILE), "rb") as handle:
+            state = pickle.load(handle)
+        for name in self._STATE:
+            setattr(self, name, state[name])

@@ -1,0 +1,46 @@
+"""Shared fixtures: a real S3 server (moto's, on 127.0.0.1) and one Ray instance per test session.
+
+The S3 variables are set before Ray starts, so every Ray worker inherits the endpoint and the
+(fake) credentials, as workers inherit the cloud's on a cluster.
+"""
+
+import logging
+import os
+import uuid
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+    yield os.environ["AWS_ENDPOINT_URL"]
+    server.stop()
+
+
+@pytest.fixture
+def s3_uri(s3_endpoint):
+    """A fresh bucket on the moto server; returns s3://bucket/prefix."""
+    import boto3
+
+    bucket = f"cutoff-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/runs"
+
+
+@pytest.fixture(scope="session")
+def ray_address(s3_endpoint):
+    import ray
+
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield context.address_info["gcs_address"]
+    ray.shutdown()

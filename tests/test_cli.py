@@ -1,0 +1,65 @@
+"""The command line as a user runs it, in subprocesses."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline.collect import teacher_specs
+from pipeline.config import load_preset
+from pipeline.store import Store
+
+from conftest import REPO
+from helpers import assert_histories_match, teacher_actor_pids, wait_until_mid_run
+
+
+AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL")
+UNREACHABLE = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+
+
+def cli(*args, env=None, **kwargs):
+    base = {k: v for k, v in os.environ.items() if k not in AWS_VARIABLES}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**base, **(env or {})}, timeout=300, **kwargs)
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--set", "collect.teachers.darkroom.budgt=5"], {}, "collect.teachers.darkroom.budgt: unknown key"),
+    (["--set", "collect.teachers.darkroom.env=DarkRoomm-v0"], {}, "unknown Gymnasium env id 'DarkRoomm-v0'"),
+    (["--set", "collect.teachers.darkroom.budget=-1"], {}, "collect.teachers.darkroom.budget: Input should be greater than 0"),
+    (["--store", "s3://cutoff-bucket/x"], UNREACHABLE, "cannot reach the store's server (http://127.0.0.1:9)"),
+    (["--store", "s3://cutoff-bucket/x"], {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "no credentials found"),
+])
+def test_bad_input_is_one_clear_line_and_exit_status_2(args, env, message, tmp_path):
+    result = cli("collect", "--preset", "smoke", "--store", str(tmp_path), *args, env=env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cutoff: error:") and message in lines[0], result.stderr
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_killed_collect_process_then_same_command_gives_one_clean_timeline(ray_address, tmp_path):
+    overrides = ["--set", "collect.teachers.darkroom.budget=100000", "--set", "collect.shard_steps=5000"]
+    command = [sys.executable, "-m", "pipeline", "collect", "--preset", "smoke", "--store", str(tmp_path),
+               "--experiment", "killed", "--address", ray_address, *overrides]
+    store = Store(str(tmp_path))
+    specs = teacher_specs(load_preset("smoke", overrides[1::2]))
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until_mid_run(store, "killed", specs)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    deadline = time.time() + 30
+    while teacher_actor_pids() and time.time() < deadline:  # Ray reaps the dead driver's actors
+        time.sleep(0.05)
+    second = cli(*command[3:])
+    assert second.returncode == 0, second.stderr
+    collected_now = int(re.search(r"\(([\d,]+) collected by this run\)", second.stdout).group(1).replace(",", ""))
+    assert collected_now < 4 * 100_000, second.stdout  # it resumed what the killed run had committed
+    assert_histories_match(store, "killed", specs)
+    again = cli("run", *command[4:])
+    assert again.returncode == 0 and "4 complete, 0 to run" in again.stdout
+    assert "not built yet: train, evaluate, report" in again.stdout

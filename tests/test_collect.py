@@ -1,0 +1,89 @@
+"""The collect stage for real: Ray actors, local and S3 stores, reruns and faults."""
+
+import os
+import signal
+import threading
+
+import pytest
+
+from pipeline.collect import CollectError, collect, run_teacher, teacher_specs
+from pipeline.config import ConfigError, load_preset
+from pipeline.store import Store
+
+from helpers import assert_histories_match, manifest, teacher_actor_pids, wait_until_mid_run
+
+pytestmark = pytest.mark.usefixtures("ray_address")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_collect_smoke_then_read_back_with_plain_pyarrow(where, tmp_path, request):
+    store = Store(str(tmp_path / "runs") if where == "local" else request.getfixturevalue("s3_uri"))
+    preset = load_preset("smoke")
+    specs = teacher_specs(preset)
+    results = collect(preset, store, "exp", log=lambda line: None)
+    assert sorted(r.teacher_id for r in results) == sorted(s.teacher_id for s in specs)
+    assert_histories_match(store, "exp", specs)
+    for spec in specs:
+        committed = manifest(store, "exp", spec)
+        assert committed["complete"] and sum(s["rows"] for s in committed["shards"]) == spec.budget
+        assert [c["cutoff"] for c in committed["checkpoints"]] == [0.25, 0.5, 0.75, 1.0]
+        assert [c["step"] for c in committed["checkpoints"]] == [round(f * spec.budget) for f in (0.25, 0.5, 0.75, 1.0)]
+        assert all(store.exists(f"exp/{c['path']}") for c in committed["checkpoints"])
+    # rerunning the same experiment finds every teacher complete and runs nothing
+    lines = []
+    assert collect(preset, store, "exp", log=lines.append) == []
+    assert f"{len(specs)} complete, 0 to run" in lines[0]
+
+
+def test_a_different_preset_under_the_same_experiment_is_refused(tmp_path):
+    store = Store(str(tmp_path / "runs"))
+    collect(load_preset("smoke"), store, "exp", log=lambda line: None)
+    changed = load_preset("smoke", ["collect.teachers.darkroom.budget=2400"])
+    with pytest.raises(ConfigError, match=r"teacher darkroom-goal0x0-s0 .*budget: 1200 then, 2400 now"):
+        collect(changed, store, "exp", log=lambda line: None)
+    assert_histories_match(store, "exp", teacher_specs(load_preset("smoke")))  # nothing lost
+
+
+class CrashAfterCommits:
+    """Stands in for the progress actor; raises after `n` commits, as if the process died there."""
+
+    def __init__(self, n: int):
+        self.left, self.report = n, self
+
+    def remote(self, *args):
+        self.left -= 1
+        if self.left == 0:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def test_a_corrupt_shard_found_on_resume_fails_that_teacher_only(tmp_path):
+    store = Store(str(tmp_path / "runs"))
+    preset = load_preset("smoke")
+    specs = teacher_specs(preset)
+    with pytest.raises(KeyboardInterrupt):
+        run_teacher(specs[0], store, "exp", shard_steps=preset.collect.shard_steps, progress=CrashAfterCommits(2))
+    shard = f"exp/histories/env=DarkRoom-v0/teacher={specs[0].teacher_id}/part-000000000300.parquet"
+    store.write_bytes(shard, b"PAR1 garbage")
+    with pytest.raises(CollectError, match=rf"1 of 4 teachers failed.*\n  {specs[0].teacher_id}: committed shard .*part-000000000300.parquet is unreadable"):
+        collect(preset, store, "exp", log=lambda line: None)
+    assert store.read_bytes(shard) == b"PAR1 garbage"  # kept for a person to look at
+    assert store.exists(shard.replace("000000000300", "000000000000"))
+    assert all(manifest(store, "exp", s)["complete"] for s in specs[1:])
+
+
+def test_killed_actors_are_restarted_and_resume_from_their_checkpoints(tmp_path):
+    store = Store(str(tmp_path / "runs"))
+    preset = load_preset("smoke", ["collect.teachers.darkroom.budget=60000", "collect.shard_steps=5000"])
+    specs = teacher_specs(preset)
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(results=collect(preset, store, "exp", log=lambda line: None)))
+    worker.start()
+    wait_until_mid_run(store, "exp", specs)
+    pids = teacher_actor_pids()
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    worker.join(timeout=300)
+    assert_histories_match(store, "exp", specs)
+    # at least one teacher continued from a checkpoint instead of starting over
+    assert any(r.steps_run < r.steps for r in outcome["results"]), outcome["results"]

@@ -1,0 +1,89 @@
+import pytest
+
+from pipeline.config import PRESETS_DIR, SMOKE_BUDGET, ConfigError, load_preset, task_id, teacher_id
+from pipeline.collect import teacher_specs
+
+SHIPPED = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def test_presets_are_shipped():
+    assert {"smoke", "quick"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("smoke", [False, True])
+def test_every_shipped_preset_loads(name, smoke):
+    preset = load_preset(name, smoke=smoke)
+    specs = teacher_specs(preset)
+    assert specs and len({s.teacher_id for s in specs}) == len(specs)
+    if smoke:
+        assert all(s.budget <= SMOKE_BUDGET for s in specs) and preset.name.endswith("-smoke")
+
+
+def test_quick_has_a_heldout_split_of_darkroom_goals():
+    group = load_preset("quick").collect.teachers["darkroom"]
+    train = {tuple(t["goal"]) for t in group.tasks}
+    heldout = {tuple(t["goal"]) for t in group.heldout_tasks}
+    assert len(train) >= 64 and heldout and not train & heldout
+    assert len(train | heldout) == 81
+
+
+def test_ids():
+    assert task_id({"goal": [2, 7]}) == "goal2x7" and task_id({}) == "default"
+    assert teacher_id("darkroom", {"goal": [2, 7]}, 1) == "darkroom-goal2x7-s1"
+    assert teacher_id("cartpole", {}, 0) == "cartpole-s0"
+
+
+def test_overrides_apply_and_are_validated():
+    preset = load_preset("smoke", ["collect.teachers.darkroom.budget=800", "collect.cutoffs=[0.5]"])
+    assert preset.collect.teachers["darkroom"].budget == 800 and preset.collect.cutoffs == [0.5]
+    with pytest.raises(ConfigError, match=r"collect.teachers.darkroom.budget: .*integer.*got 'lots'"):
+        load_preset("smoke", ["collect.teachers.darkroom.budget=lots"])
+    with pytest.raises(ConfigError, match=r"expects key.path=value"):
+        load_preset("smoke", ["collect.shard_steps"])
+
+
+def write(tmp_path, text):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+GOOD = """
+collect:
+  teachers:
+    dr:
+      env: DarkRoom-v0
+      algo: qlearning
+      budget: 1000
+"""
+
+
+def test_a_minimal_preset_file_loads_with_defaults(tmp_path):
+    preset = load_preset(write(tmp_path, GOOD))
+    assert preset.name == "p" and preset.collect.cutoffs == [0.25, 0.5, 0.75]
+
+
+@pytest.mark.parametrize("change, message", [
+    (("budget: 1000", "budget: 1000\n      budgt: 5"), r"collect.teachers.dr.budgt: unknown key"),
+    (("collect:", "colect: {}\ncollect:"), r"colect: unknown key"),
+    (("budget: 1000", "budget: -3"), r"collect.teachers.dr.budget: .*greater than 0"),
+    (("DarkRoom-v0", "DarkRom-v0"), r"collect.teachers.dr.env: unknown Gymnasium env id 'DarkRom-v0' \(did you mean 'DarkRoom-v0'\?\)"),
+    (("algo: qlearning", "algo: sarsa"), r"collect.teachers.dr.algo: unknown algorithm 'sarsa'"),
+    (("budget: 1000", "budget: 1000\n      algo_config: {learning_rat: 0.5}"), r"collect.teachers.dr.algo_config.learning_rat: unknown key"),
+    (("budget: 1000", "budget: 1000\n      algo_config: {gamma: 2}"), r"collect.teachers.dr.algo_config.gamma: .*less than or equal to 1"),
+    (("budget: 1000", "budget: 1000\n      tasks: [{goal: [0, 0]}, {goal: [12, 0]}]"), r"collect.teachers.dr.tasks.1: DarkRoom-v0 rejects .*outside the 9x9 room"),
+    (("budget: 1000", "budget: 1000\n      env_kwargs: {colour: red}"), r"collect.teachers.dr: tasks.0: DarkRoom-v0 rejects|collect.teachers.dr.tasks.0: DarkRoom-v0 rejects .*colour"),
+    (("DarkRoom-v0", "CartPole-v1"), r"collect.teachers.dr.tasks.0: qlearning needs discrete observations"),
+    (("budget: 1000", "budget: 2"), r"collect.teachers.dr.budget: 2 steps is too small"),
+    (("collect:", "collect:\n  cutoffs: [0.5, 0.25]"), r"collect.cutoffs: expected increasing fractions"),
+    (("budget: 1000", "budget: 1000\n      seeds: [1, 1]"), r"teacher id dr-s1 is not unique"),
+])
+def test_bad_presets_name_the_key(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        load_preset(write(tmp_path, GOOD.replace(*change)))
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown preset 'nope'; known presets: .*quick.*smoke"):
+        load_preset("nope")
