@@ -23,7 +23,7 @@ import ray
 
 from pipeline.config import CollectConfig, ConfigError, Preset, task_id, teacher_id
 from pipeline.history import MANIFEST, SPEC, HistoryError, TeacherHistory, histories_dir
-from pipeline.schema import Manifest, SchemaError
+from pipeline.schema import Manifest, SchemaError, Transitions
 from pipeline.store import Store
 from pipeline.teachers import Teacher, make_teacher
 
@@ -33,6 +33,14 @@ ACTOR_RESTARTS = 3
 
 class CollectError(RuntimeError):
     """Some teachers failed; their committed data is kept and a rerun resumes them."""
+
+
+@dataclass(frozen=True)
+class Stop:
+    step: int
+    cutoff: float | None  # save the checkpoint of this cutoff fraction here (1.0: the end)
+    ends_shard: bool  # write the rows gathered since the last shard as one shard
+    commits: bool  # commit the shards and checkpoints since the last commit (a resume point)
 
 
 @dataclass(frozen=True)
@@ -50,13 +58,13 @@ class TeacherSpec:
     budget: int
     cutoffs: tuple[float, ...]
 
-    def commit_points(self, checkpoint_steps: int | None) -> list[tuple[int, float | None]]:
-        """(step, cutoff) where a checkpoint is committed: every cutoff, the end (cutoff 1.0), resume points."""
-        points = {round(c * self.budget): c for c in self.cutoffs}
-        points[self.budget] = 1.0
-        for step in range(checkpoint_steps or self.budget, self.budget, checkpoint_steps or self.budget):
-            points.setdefault(step, None)
-        return sorted(points.items())
+    def stops(self, shard_steps: int, checkpoint_steps: int | None) -> list[Stop]:
+        """The steps where run_teacher pauses, and what it does at each."""
+        cutoffs = {round(c * self.budget): c for c in self.cutoffs} | {self.budget: 1.0}
+        commits = set(range(checkpoint_steps, self.budget, checkpoint_steps)) if checkpoint_steps else set()
+        commits.add(self.budget)
+        shards = set(range(shard_steps, self.budget, shard_steps)) | commits
+        return [Stop(step, cutoffs.get(step), step in shards, step in commits) for step in sorted(cutoffs.keys() | shards)]
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
@@ -107,24 +115,31 @@ def run_teacher(spec: TeacherSpec, store: Store, experiment: str, *, shard_steps
     if teacher.step != manifest.next_step:
         raise HistoryError(f"{spec.teacher_id}: checkpoint is at step {teacher.step}, the history ends at {manifest.next_step}")
     start_step, start_time = teacher.step, time.perf_counter()
-    for target, cutoff in spec.commit_points(checkpoint_steps):
-        if target <= teacher.step:
-            continue
-        staged = []
-        while teacher.step < target:
-            shard_end = min(target, (teacher.step // shard_steps + 1) * shard_steps)
-            batch = teacher.train_steps(shard_end - teacher.step)
-            table = batch.to_table(teacher.encoding, teacher_id=spec.teacher_id, env_id=spec.env_id, task_id=spec.task_id, seed=spec.seed)
+    rows, staged, saved = [], [], []
+    for stop in spec.stops(shard_steps, checkpoint_steps):
+        if stop.step <= teacher.step:
+            continue  # committed before a restart
+        rows.append(teacher.train_steps(stop.step - teacher.step))
+        if stop.cutoff is not None or stop.commits:
+            saved.append(history.checkpoint_entry(teacher.step, stop.cutoff))
+            _save_checkpoint(teacher, store, history.checkpoint_path(teacher.step))
+        if stop.ends_shard:
+            table = Transitions.concat(rows).to_table(
+                teacher.encoding, teacher_id=spec.teacher_id, env_id=spec.env_id, task_id=spec.task_id, seed=spec.seed)
             staged.append(history.stage(table))
-        checkpoint = history.checkpoint_entry(teacher.step, cutoff)
-        _save_checkpoint(teacher, store, history.checkpoint_path(teacher.step))
-        manifest = history.commit(manifest, staged, checkpoint, complete=teacher.step >= spec.budget)
-        if progress is not None:
-            progress.report.remote(spec.teacher_id, teacher.step)
+            rows = []
+        if stop.commits:
+            manifest = history.commit(manifest, staged, saved, complete=teacher.step >= spec.budget)
+            staged, saved = [], []
+            if progress is not None:
+                progress.report.remote(spec.teacher_id, teacher.step)
     return TeacherResult(spec.teacher_id, manifest.rows, teacher.step - start_step, time.perf_counter() - start_time)
 
 
 def _save_checkpoint(teacher: Teacher, store: Store, path: str) -> None:
+    if store.is_local:
+        teacher.save(store.full(path))
+        return
     with tempfile.TemporaryDirectory() as local:
         teacher.save(local)
         store.upload_dir(local, path)
@@ -213,12 +228,14 @@ def _run_fleet(todo: list[TeacherSpec], store: Store, experiment: str, config: C
     n_actors = min(config.num_actors or max(1, int(ray.cluster_resources().get("CPU", 1))), len(todo))
     log(f"collect: {n_actors} teacher actors")
     progress = Progress.remote()
-    idle = [TeacherActor.remote() for _ in range(n_actors)]
+    # Two teachers in flight per actor, so an actor never waits for the driver between teachers.
+    free = [TeacherActor.remote() for _ in range(n_actors)] * 2
+    replacements = {}  # a dead actor -> the one that takes its place
     queue, running = deque(todo), {}
     results, failures = [], {}
     while queue or running:
-        while queue and idle:
-            actor, spec = idle.pop(), queue.popleft()
+        while queue and free:
+            actor, spec = free.pop(), queue.popleft()
             ref = actor.run.remote(spec, store, experiment, config.shard_steps, config.checkpoint_steps, progress)
             running[ref] = (actor, spec)
         ready, _ = ray.wait(list(running), num_returns=1, timeout=PROGRESS_SECONDS)
@@ -231,10 +248,10 @@ def _run_fleet(todo: list[TeacherSpec], store: Store, experiment: str, config: C
                 failures[spec.teacher_id] = str(getattr(error, "cause", None) or error)
             except ray.exceptions.RayActorError as error:
                 failures[spec.teacher_id] = f"its actor died {ACTOR_RESTARTS + 1} times ({error})"
-                actor = TeacherActor.remote()
-            idle.append(actor)
+                actor = replacements.setdefault(actor, TeacherActor.remote())
+            free.append(actor)
         meter.maybe_log(lambda: ray.get(progress.snapshot.remote()))
-    for actor in idle:
+    for actor in set(free):
         ray.kill(actor)
     ray.kill(progress)
     if failures:

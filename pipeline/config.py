@@ -51,7 +51,9 @@ class CollectConfig:
     teachers: dict[str, TeacherGroup]  # group name -> group; the name prefixes its teacher ids
     cutoffs: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # fractions of each budget
     shard_steps: int = Field(50_000, gt=0)  # most rows in one Parquet shard
-    checkpoint_steps: int | None = Field(None, gt=0)  # extra resume points; None: at cutoffs and the end only
+    # Commit shards with a resume checkpoint every this many steps (None: only at the end); a
+    # crashed teacher redoes at most this many. Cutoff checkpoints are saved whatever this is.
+    checkpoint_steps: int | None = Field(None, gt=0)
     num_actors: int | None = Field(None, gt=0)  # teacher actors; None: one per CPU of the Ray cluster
 
 

@@ -10,9 +10,10 @@ Layout, relative to the experiment root:
 
 Commit protocol; the manifest is the only commit point:
   1. stage:      each shard is written whole under a hidden name (`_part-…`), which readers skip;
-  2. checkpoint: the teacher saves its state after the staged shards to teachers/{id}/step={t}/;
+  2. checkpoint: the teacher saves its state to teachers/{id}/step={t}/ at each cutoff it passes
+                 and, as the resume point, at the step where the staged shards end;
   3. publish:    the staged shards are renamed to their visible names;
-  4. commit:     _manifest.json is replaced atomically, listing the new shards and checkpoint;
+  4. commit:     _manifest.json is replaced atomically, listing the new shards and checkpoints;
   5. tidy:       resume-point checkpoints that the new manifest no longer lists are deleted.
 A crash before 4 leaves files that no manifest lists. `recover` deletes exactly those, and the
 teacher restarts from the newest listed checkpoint, which always sits where the listed shards end:
@@ -28,13 +29,22 @@ from urllib.parse import quote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.schema import CheckpointEntry, Manifest, SchemaError, ShardEntry, check_schema
+from pipeline.schema import COLUMNS, CheckpointEntry, Manifest, SchemaError, ShardEntry, check_schema
 from pipeline.store import Store
 
 MANIFEST = "_manifest.json"
 SPEC = "_teacher.json"
 # Files this protocol writes into a teacher's folder; recover() never touches anything else.
 _OURS = ("part-*.parquet", "_part-*.parquet", ".*.tmp")
+# Monotone counters are stored as deltas (a fraction of the bytes and the time of dictionaries);
+# row-group statistics only where readers filter (the cutoff filter is on step).
+_COUNTERS = ("step", "episode", "episode_step", "policy_version")
+_PARQUET_OPTIONS = {
+    "compression": "zstd",
+    "use_dictionary": [name for name in COLUMNS if name not in _COUNTERS],
+    "column_encoding": {name: "DELTA_BINARY_PACKED" for name in _COUNTERS},
+    "write_statistics": ["step", "episode", "policy_version"],
+}
 
 
 def _is_ours(name: str) -> bool:
@@ -58,17 +68,19 @@ class TeacherHistory:
         self.store, self.experiment, self.teacher_id = store, experiment, teacher_id
         # Env ids such as ALE/Breakout-v5 are URI-encoded; pyarrow and DuckDB decode hive values.
         self.dir = f"{histories_dir(experiment)}/env={quote(env_id, safe='')}/teacher={teacher_id}"
-        self.checkpoints_dir = f"{experiment}/teachers/{teacher_id}"
+        self.checkpoints = f"teachers/{teacher_id}"  # relative to the experiment, as the manifest lists them
+        self.checkpoints_dir = f"{experiment}/{self.checkpoints}"
 
     def path(self, name: str) -> str:
         return f"{self.dir}/{name}"
 
+    def checkpoint_entry(self, step: int, cutoff: float | None) -> CheckpointEntry:
+        """The checkpoint taken after `step` env steps; its path is relative to the experiment."""
+        return CheckpointEntry(step=step, path=f"{self.checkpoints}/step={step}", cutoff=cutoff)
+
     def checkpoint_path(self, step: int) -> str:
         """Store path of the checkpoint taken after `step` env steps."""
         return f"{self.checkpoints_dir}/step={step}"
-
-    def checkpoint_entry(self, step: int, cutoff: float | None) -> CheckpointEntry:
-        return CheckpointEntry(step=step, path=posixpath.relpath(self.checkpoint_path(step), self.experiment), cutoff=cutoff)
 
     # --- reading ---
 
@@ -130,17 +142,18 @@ class TeacherHistory:
         first, last = table["step"][0].as_py(), table["step"][-1].as_py()
         entry = ShardEntry(path=shard_name(first), rows=table.num_rows, first_step=first, last_step=last)
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
+        pq.write_table(table, sink, **_PARQUET_OPTIONS)
         self.store.write_bytes(self.path("_" + entry.path), sink.getvalue().to_pybytes())
         return entry
 
-    def commit(self, manifest: Manifest, staged: list[ShardEntry], checkpoint: CheckpointEntry, complete: bool) -> Manifest:
-        """Publish staged shards with the checkpoint taken right after them; returns the new manifest."""
+    def commit(self, manifest: Manifest, staged: list[ShardEntry], checkpoints: list[CheckpointEntry], complete: bool) -> Manifest:
+        """Publish staged shards with the checkpoints saved since the last commit; the newest of them
+        must sit where the shards end. Returns the new manifest."""
         for entry in staged:
             self.store.rename(self.path("_" + entry.path), self.path(entry.path))
         # Cutoff checkpoints are kept for later stages; a resume point only until the next commit.
         kept = [c for c in manifest.checkpoints if c.cutoff is not None]
-        new = Manifest(complete=complete, shards=manifest.shards + staged, checkpoints=kept + [checkpoint])
+        new = Manifest(complete=complete, shards=manifest.shards + staged, checkpoints=kept + checkpoints)
         new.validate(self.store.url(self.path(MANIFEST)))
         self.store.write_bytes(self.path(MANIFEST), new.to_json())
         for old in manifest.checkpoints:

@@ -164,14 +164,24 @@ class Transitions:
     def __len__(self) -> int:
         return len(self.step)
 
-    def to_table(self, encoding: ObsEncoding, *, teacher_id: str, env_id: str, task_id: str, seed: int) -> pa.Table:
+    @classmethod
+    def concat(cls, batches: list[Transitions]) -> Transitions:
+        return cls(**{f.name: np.concatenate([getattr(b, f.name) for b in batches]) for f in fields(cls)})
+
+    def number_steps(self, first_step: int, episode: int, episode_step: int) -> None:
+        """Fill step, episode and episode_step from the done flags, given the counters at row 0."""
         n = len(self)
-        identity = [
-            pa.array([teacher_id] * n, pa.string()),
-            pa.array([env_id] * n, pa.string()),
-            pa.array([task_id] * n, pa.string()),
-            pa.array(np.full(n, seed, np.int64)),
-        ]
+        self.step[:] = np.arange(first_step, first_step + n)
+        begins = np.zeros(n, bool)
+        begins[1:] = (self.terminated | self.truncated)[:-1]
+        self.episode[:] = episode + np.cumsum(begins)
+        index = np.arange(n)
+        self.episode_step[:] = index - np.maximum.accumulate(np.where(begins, index, 0))
+        self.episode_step[self.episode == episode] += episode_step
+
+    def to_table(self, encoding: ObsEncoding, *, teacher_id: str, env_id: str, task_id: str, seed: int) -> pa.Table:
+        zeros = pa.array(np.zeros(len(self), np.int32))
+        identity = [pa.array([value]).take(zeros) for value in (teacher_id, env_id, task_id, seed)]
         steps = [encoding.encode(self.obs) if name == "obs" else pa.array(getattr(self, name)) for name in STEP_COLUMNS]
         schema = history_schema(encoding)
         return pa.Table.from_arrays([a.cast(f.type) for a, f in zip(identity + steps, schema)], schema=schema)
@@ -243,5 +253,8 @@ class Manifest:
             if shard.first_step != expected_first or shard.rows != shard.last_step - shard.first_step + 1:
                 raise SchemaError(f"{where}: shard {shard.path} breaks the timeline at step {expected_first}")
             expected_first = shard.last_step + 1
+        steps = [c.step for c in self.checkpoints]
+        if steps != sorted(set(steps)):
+            raise SchemaError(f"{where}: checkpoint steps {steps} are not increasing")
         if self.shards and (not self.checkpoints or self.checkpoints[-1].step != self.next_step):
             raise SchemaError(f"{where}: no checkpoint at step {self.next_step}, where the committed shards end")

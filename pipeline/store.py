@@ -100,9 +100,7 @@ class Store:
         temporary = posixpath.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
         with open(temporary, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, full)
+        os.replace(temporary, full)  # atomic for readers; not fsynced: a process crash loses nothing
 
     def rename(self, source: str, target: str) -> None:
         """Move a file; atomic on local disks, copy-then-delete on object stores."""

@@ -43,7 +43,7 @@ def test_bad_input_is_one_clear_line_and_exit_status_2(args, env, message, tmp_p
 
 
 def test_killed_collect_process_then_same_command_gives_one_clean_timeline(ray_address, tmp_path):
-    overrides = ["--set", "collect.teachers.darkroom.budget=100000", "--set", "collect.shard_steps=5000"]
+    overrides = ["--set", "collect.teachers.darkroom.budget=100000", "--set", "collect.shard_steps=5000", "--set", "collect.checkpoint_steps=5000"]
     command = [sys.executable, "-m", "pipeline", "collect", "--preset", "smoke", "--store", str(tmp_path),
                "--experiment", "killed", "--address", ray_address, *overrides]
     store = Store(str(tmp_path))

@@ -5,6 +5,8 @@ import signal
 import threading
 
 import pytest
+import ray
+from ray.data.datasource import Partitioning
 
 from pipeline.collect import CollectError, collect, run_teacher, teacher_specs
 from pipeline.config import ConfigError, load_preset
@@ -29,6 +31,10 @@ def test_collect_smoke_then_read_back_with_plain_pyarrow(where, tmp_path, reques
         assert [c["cutoff"] for c in committed["checkpoints"]] == [0.25, 0.5, 0.75, 1.0]
         assert [c["step"] for c in committed["checkpoints"]] == [round(f * spec.budget) for f in (0.25, 0.5, 0.75, 1.0)]
         assert all(store.exists(f"exp/{c['path']}") for c in committed["checkpoints"])
+    # Ray Data reads the same histories through the store's filesystem (as the train stage will)
+    rows = ray.data.read_parquet(store.full("exp/histories"), filesystem=store.arrow_fs,
+                                 partitioning=Partitioning("hive")).select_columns(["teacher_id", "step"])
+    assert rows.count() == sum(s.budget for s in specs)
     # rerunning the same experiment finds every teacher complete and runs nothing
     lines = []
     assert collect(preset, store, "exp", log=lines.append) == []
@@ -61,7 +67,8 @@ def test_a_corrupt_shard_found_on_resume_fails_that_teacher_only(tmp_path):
     preset = load_preset("smoke")
     specs = teacher_specs(preset)
     with pytest.raises(KeyboardInterrupt):
-        run_teacher(specs[0], store, "exp", shard_steps=preset.collect.shard_steps, progress=CrashAfterCommits(2))
+        run_teacher(specs[0], store, "exp", shard_steps=preset.collect.shard_steps,
+                    checkpoint_steps=preset.collect.checkpoint_steps, progress=CrashAfterCommits(2))
     shard = f"exp/histories/env=DarkRoom-v0/teacher={specs[0].teacher_id}/part-000000000300.parquet"
     store.write_bytes(shard, b"PAR1 garbage")
     with pytest.raises(CollectError, match=rf"1 of 4 teachers failed.*\n  {specs[0].teacher_id}: committed shard .*part-000000000300.parquet is unreadable"):
@@ -73,7 +80,7 @@ def test_a_corrupt_shard_found_on_resume_fails_that_teacher_only(tmp_path):
 
 def test_killed_actors_are_restarted_and_resume_from_their_checkpoints(tmp_path):
     store = Store(str(tmp_path / "runs"))
-    preset = load_preset("smoke", ["collect.teachers.darkroom.budget=60000", "collect.shard_steps=5000"])
+    preset = load_preset("smoke", ["collect.teachers.darkroom.budget=60000", "collect.shard_steps=5000", "collect.checkpoint_steps=5000"])
     specs = teacher_specs(preset)
     outcome = {}
     worker = threading.Thread(target=lambda: outcome.update(results=collect(preset, store, "exp", log=lambda line: None)))

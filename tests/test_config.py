@@ -87,3 +87,12 @@ def test_bad_presets_name_the_key(tmp_path, change, message):
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ConfigError, match=r"unknown preset 'nope'; known presets: .*quick.*smoke"):
         load_preset("nope")
+
+
+def test_stops_put_checkpoints_at_cutoffs_and_commits_where_asked():
+    spec = teacher_specs(load_preset("smoke", ["collect.teachers.darkroom.budget=1000", "collect.cutoffs=[0.25, 0.5]"]))[0]
+    stops = spec.stops(shard_steps=400, checkpoint_steps=None)
+    assert [(s.step, s.cutoff, s.ends_shard, s.commits) for s in stops] == [
+        (250, 0.25, False, False), (400, None, True, False), (500, 0.5, False, False),
+        (800, None, True, False), (1000, 1.0, True, True)]
+    assert [s.step for s in spec.stops(shard_steps=10_000, checkpoint_steps=300) if s.commits] == [300, 600, 900, 1000]

@@ -25,7 +25,7 @@ def commit_next(history, teacher, manifest, n, cutoff=None, complete=False):
     entry = history.stage(teacher.train_steps(n).to_table(teacher.encoding, teacher_id="t0", env_id=ENV, task_id="default", seed=0))
     checkpoint = history.checkpoint_entry(teacher.step, cutoff)
     teacher.save(history.store.full(history.checkpoint_path(teacher.step)))
-    return history.commit(manifest, [entry], checkpoint, complete=complete)
+    return history.commit(manifest, [entry], [checkpoint], complete=complete)
 
 
 def plain_read_steps(store):

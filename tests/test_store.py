@@ -9,10 +9,12 @@ import pytest
 from pipeline.store import Store, StoreError
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "file-uri", "s3"])
 def store(request, tmp_path):
     if request.param == "local":
         return Store(str(tmp_path / "runs"))
+    if request.param == "file-uri":
+        return Store(f"file://{tmp_path}/runs")
     return Store(request.getfixturevalue("s3_uri"))
 
 

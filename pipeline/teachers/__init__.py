@@ -3,7 +3,7 @@
 All teachers implement one API (the fleet, the evaluation arms and the tests use only this):
 
     teacher = make_teacher(algo, env_id, env_kwargs, seed=0, budget=20_000, config={...})
-    batch = teacher.train_steps(n)   # learn for n env steps; returns the Transitions it acted in
+    batch = teacher.train_steps(n)   # learn for exactly n env steps; returns the Transitions it acted in
     teacher.step                     # env steps taken so far = global step of its next transition
     teacher.save(directory)          # everything needed to continue the same timeline
     teacher.restore(directory)
@@ -12,6 +12,7 @@ All teachers implement one API (the fleet, the evaluation arms and the tests use
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Protocol
 
 from pydantic import TypeAdapter
@@ -38,8 +39,12 @@ ALGORITHMS: dict[str, tuple[type, type]] = {
 
 def algo_config(algo: str, raw: dict[str, Any]):
     """Validate a preset's `algo_config` mapping into the algorithm's typed config."""
-    config_type, _ = ALGORITHMS[algo]
-    return TypeAdapter(config_type).validate_python(raw)
+    return _adapter(algo).validate_python(raw)
+
+
+@functools.cache
+def _adapter(algo: str) -> TypeAdapter:
+    return TypeAdapter(ALGORITHMS[algo][0])
 
 
 def make_teacher(algo: str, env_id: str, env_kwargs: dict[str, Any], *, seed: int, budget: int, config: dict[str, Any]) -> Teacher:

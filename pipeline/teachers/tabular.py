@@ -51,7 +51,6 @@ class QLearningTeacher:
 
     def train_steps(self, n: int, record: bool = True) -> Transitions | None:
         """Act and learn for n env steps; return what was acted in (None when record=False)."""
-        out = Transitions.empty(n, self.encoding) if record else None
         # One uniform per step, so splitting the same steps into other calls gives the same timeline:
         # explore when u < epsilon, and then u / epsilon picks the random action.
         u = self.rng.random(n)
@@ -61,23 +60,40 @@ class QLearningTeacher:
         random_actions = np.minimum((u / np.maximum(epsilon, 1e-12) * n_actions).astype(np.int64), n_actions - 1)
         q, env, lr, gamma = self.q, self.env, self.config.learning_rate, self.config.gamma
         obs, episode, episode_step = self.obs, self.episode, self.episode_step
+        # The loop appends only obs, action and reward (list appends cost a fraction of numpy
+        # item writes) and notes where episodes end; everything else is derived after it.
+        seen, actions, rewards, ends = [], [], [], []
+        add_obs, add_action, add_reward = seen.append, actions.append, rewards.append
         for i in range(n):
             action = int(random_actions[i]) if explore[i] else int(q[obs].argmax())
             next_obs, reward, terminated, truncated, _ = env.step(action)
             target = reward if terminated else reward + gamma * q[next_obs].max()
             q[obs, action] += lr * (target - q[obs, action])
             if record:
-                out.step[i], out.episode[i], out.episode_step[i] = self.step + i, episode, episode_step
-                out.obs[i], out.action[i], out.reward[i] = obs, action, reward
-                out.terminated[i], out.truncated[i], out.policy_version[i] = terminated, truncated, self.step + i
+                add_obs(obs)
+                add_action(action)
+                add_reward(reward)
             if terminated or truncated:
+                ends.append((i, terminated, truncated))
                 next_obs, _ = env.reset()
                 episode, episode_step = episode + 1, 0
             else:
                 episode_step += 1
             obs = next_obs
+        out = self._transitions(seen, actions, rewards, ends) if record else None
         self.obs, self.episode, self.episode_step = obs, episode, episode_step
         self.step += n
+        return out
+
+    def _transitions(self, seen: list, actions: list, rewards: list, ends: list) -> Transitions:
+        n = len(seen)
+        out = Transitions.empty(n, self.encoding)
+        out.obs, out.action = np.fromiter(seen, np.int64, n), np.fromiter(actions, np.int64, n)
+        out.reward = np.fromiter(rewards, np.float32, n)
+        for i, terminated, truncated in ends:
+            out.terminated[i], out.truncated[i] = terminated, truncated
+        out.number_steps(self.step, self.episode, self.episode_step)
+        out.policy_version[:] = out.step  # one TD update per step
         return out
 
     def act(self, obs) -> int:
