@@ -1,4 +1,5 @@
-# The two commands of the README. Both create .venv on first use and reinstall when pyproject.toml changes.
+# The two commands of the README. Both create .venv on first use and reinstall when pyproject.toml
+# or constraints.txt changes.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,7 +22,7 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed
-	$(BIN)/python bench/collect_throughput.py
+	$(BIN)/python bench/collect_throughput.py --set "collect.teachers.darkroom.seeds=[0,1,2,3]"
 
 lock: $(VENV)/.installed  # after changing dependencies: pin what they resolved to
 	{ head -n 2 constraints.txt; $(BIN)/pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/'; } > constraints.new

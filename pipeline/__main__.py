@@ -41,15 +41,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def init_ray(address: str | None) -> None:
-    import ray
-
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)
-    else:  # a Ray of our own on this machine; its dashboard listens on localhost only
-        ray.init(dashboard_host="127.0.0.1")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -60,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StoreError) as error:
         print(f"cutoff: error: {error}", file=sys.stderr)
         return 2
+    if args.address:
+        os.environ["RAY_ADDRESS"] = args.address  # stages start Ray only once they have work
     stages = list(STAGES) if args.command == "run" else [args.command]
     try:
-        init_ray(args.address)
         for stage in stages:
             STAGES[stage](preset, store, experiment)
     except ConfigError as error:

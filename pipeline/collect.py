@@ -22,6 +22,7 @@ from typing import Any, Callable
 import ray
 
 from pipeline.config import CollectConfig, ConfigError, Preset, task_id, teacher_id
+from pipeline.runtime import ensure_ray
 from pipeline.history import MANIFEST, SPEC, HistoryError, TeacherHistory, histories_dir
 from pipeline.schema import Manifest, SchemaError, Transitions
 from pipeline.store import Store
@@ -213,8 +214,7 @@ def collect(preset: Preset, store: Store, experiment: str, log: Callable[[str], 
     log(f"collect: {len(specs)} teachers in {store.url(experiment)}: {len(specs) - len(todo)} complete, {len(todo)} to run")
     results = []
     if todo:
-        if not ray.is_initialized():
-            ray.init()
+        ensure_ray()
         results = _run_fleet(todo, store, experiment, preset.collect, _ProgressMeter(specs, manifests, log), log)
     now = sum(r.steps_run for r in results)
     total = sum(m.rows for m in manifests.values() if m.complete) + sum(r.steps for r in results)
