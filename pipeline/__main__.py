@@ -3,7 +3,7 @@
     python -m pipeline run --preset quick                  # every stage built so far, local Ray, ./runs/quick
     python -m pipeline collect --preset smoke --store s3://bucket/prefix --experiment try1
     python -m pipeline collect --preset quick --set collect.teachers.darkroom.budget=4000
-    python -m pipeline collect --preset atari --smoke      # any preset shrunk to seconds
+    python -m pipeline collect --preset quick --smoke      # any preset shrunk to seconds
 
 Bad input (unknown preset key, wrong type, unknown env id, unusable store) prints one line naming
 the culprit and exits with status 2 before any work starts; a failed run exits with status 1 and
@@ -46,21 +46,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preset: Preset = load_preset(args.preset, args.overrides, smoke=args.smoke)
         store = Store(args.store)
-        experiment = args.experiment or preset.name
-        store.check_writable(experiment)
     except (ConfigError, StoreError) as error:
         print(f"cutoff: error: {error}", file=sys.stderr)
         return 2
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address  # stages start Ray only once they have work
+    experiment = args.experiment or preset.name
     stages = list(STAGES) if args.command == "run" else [args.command]
     try:
         for stage in stages:
             STAGES[stage](preset, store, experiment)
-    except ConfigError as error:
+    except (ConfigError, StoreError) as error:  # found before the stage starts any work
         print(f"cutoff: error: {error}", file=sys.stderr)
         return 2
-    except (CollectError, HistoryError, SchemaError, StoreError) as error:
+    except (CollectError, HistoryError, SchemaError) as error:
         print(f"cutoff: error: {error}", file=sys.stderr)
         return 1
     if args.command == "run":

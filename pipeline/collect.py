@@ -97,7 +97,6 @@ class TeacherResult:
     teacher_id: str
     steps: int  # committed steps in its history now
     steps_run: int  # of which this call collected
-    seconds: float
 
 
 # --- one teacher ---
@@ -109,13 +108,13 @@ def run_teacher(spec: TeacherSpec, store: Store, experiment: str, *, shard_steps
     history = TeacherHistory(store, experiment, spec.env_id, spec.teacher_id)
     manifest = history.recover()
     if manifest.complete:
-        return TeacherResult(spec.teacher_id, manifest.rows, 0, 0.0)
+        return TeacherResult(spec.teacher_id, manifest.rows, 0)
     teacher = make_teacher(spec.algo, spec.env_id, spec.env_kwargs, seed=spec.seed, budget=spec.budget, config=spec.algo_config)
     if manifest.checkpoints:
         _load_checkpoint(teacher, store, f"{experiment}/{manifest.checkpoints[-1].path}")
     if teacher.step != manifest.next_step:
         raise HistoryError(f"{spec.teacher_id}: checkpoint is at step {teacher.step}, the history ends at {manifest.next_step}")
-    start_step, start_time = teacher.step, time.perf_counter()
+    start_step = teacher.step
     rows, staged, saved = [], [], []
     for stop in spec.stops(shard_steps, checkpoint_steps):
         if stop.step <= teacher.step:
@@ -134,7 +133,7 @@ def run_teacher(spec: TeacherSpec, store: Store, experiment: str, *, shard_steps
             staged, saved = [], []
             if progress is not None:
                 progress.report.remote(spec.teacher_id, teacher.step)
-    return TeacherResult(spec.teacher_id, manifest.rows, teacher.step - start_step, time.perf_counter() - start_time)
+    return TeacherResult(spec.teacher_id, manifest.rows, teacher.step - start_step)
 
 
 def _save_checkpoint(teacher: Teacher, store: Store, path: str) -> None:
@@ -185,17 +184,24 @@ def plan(specs: list[TeacherSpec], store: Store, experiment: str) -> dict[str, M
     manifests = {}
     for spec in specs:
         history = histories[spec.teacher_id]
-        old = stored.get(history.path(SPEC))
+        old = _stored_spec(stored.get(history.path(SPEC)), store.url(history.path(SPEC)))
         if old is None:
             store.write_bytes(history.path(SPEC), spec.to_json())
-        elif json.loads(old) != json.loads(spec.to_json()):
-            raise ConfigError(_spec_mismatch(experiment, spec, json.loads(old)))
+        elif old != json.loads(spec.to_json()):
+            raise ConfigError(_spec_mismatch(experiment, spec, old))
         text = stored.get(history.path(MANIFEST))
         try:
             manifests[spec.teacher_id] = Manifest.from_json(text, store.url(history.path(MANIFEST))) if text else Manifest()
         except SchemaError as error:
             raise HistoryError(f"{error}. Nothing was changed.") from error
     return manifests
+
+
+def _stored_spec(data: bytes | None, where: str) -> dict | None:
+    try:
+        return json.loads(data) if data is not None else None
+    except ValueError as error:
+        raise HistoryError(f"{where}: not valid JSON ({error}). Nothing was changed.") from error
 
 
 def _spec_mismatch(experiment: str, spec: TeacherSpec, old: dict) -> str:

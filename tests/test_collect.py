@@ -10,6 +10,7 @@ from ray.data.datasource import Partitioning
 
 from pipeline.collect import CollectError, collect, run_teacher, teacher_specs
 from pipeline.config import ConfigError, load_preset
+from pipeline.history import HistoryError
 from pipeline.store import Store
 
 from helpers import assert_histories_match, manifest, teacher_actor_pids, wait_until_mid_run
@@ -94,3 +95,14 @@ def test_killed_actors_are_restarted_and_resume_from_their_checkpoints(tmp_path)
     assert_histories_match(store, "exp", specs)
     # at least one teacher continued from a checkpoint instead of starting over
     assert any(r.steps_run < r.steps for r in outcome["results"]), outcome["results"]
+
+
+def test_a_corrupt_teacher_spec_is_named(tmp_path):
+    store = Store(str(tmp_path / "runs"))
+    preset = load_preset("smoke")
+    collect(preset, store, "exp", log=lambda line: None)
+    spec_file = f"exp/histories/env=DarkRoom-v0/teacher={teacher_specs(preset)[1].teacher_id}/_teacher.json"
+    store.write_bytes(spec_file, b"{truncated")
+    with pytest.raises(HistoryError, match=rf"{spec_file}: not valid JSON"):
+        collect(preset, store, "exp", log=lambda line: None)
+    assert store.read_bytes(spec_file) == b"{truncated"

@@ -56,11 +56,3 @@ class DarkRoom(gym.Env):
         if distance > self.episode_len:
             return 0.0
         return 1.0 if self.hard else float(self.episode_len - distance + 1)
-
-
-def all_goals(size: int = 9) -> list[list[int]]:
-    return [[row, col] for row in range(size) for col in range(size)]
-
-
-def optimal_return(**env_kwargs) -> float:
-    return DarkRoom(**env_kwargs).optimal_return()
