@@ -4,6 +4,7 @@
     python -m pipeline collect --preset smoke --store s3://bucket/prefix --experiment try1
     python -m pipeline collect --preset quick --set collect.teachers.darkroom.budget=4000
     python -m pipeline collect --preset quick --smoke      # any preset shrunk to seconds
+    python -m pipeline train --preset quick                # the imitators, on the collected histories
 
 Bad input (unknown preset key, wrong type, unknown env id, unusable store) prints one line naming
 the culprit and exits with status 2 before any work starts; a failed run exits with status 1 and
@@ -21,11 +22,13 @@ from pipeline.config import ConfigError, Preset, load_preset
 from pipeline.history import HistoryError
 from pipeline.schema import SchemaError
 from pipeline.store import Store, StoreError
+from pipeline.evaluate import EvaluateError, evaluate
+from pipeline.train import TrainError, train
 
 DEFAULT_STORE = "./runs"
 # The stages of DESIGN.md in order; those not built yet are named so `run` can say so.
-STAGES = {"collect": collect}
-NOT_BUILT = ("train", "evaluate", "report")
+STAGES = {"collect": collect, "train": train, "evaluate": evaluate}
+NOT_BUILT = ("report",)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StoreError) as error:  # found before the stage starts any work
         print(f"cutoff: error: {error}", file=sys.stderr)
         return 2
-    except (CollectError, HistoryError, SchemaError) as error:
+    except (CollectError, TrainError, EvaluateError, HistoryError, SchemaError) as error:
         print(f"cutoff: error: {error}", file=sys.stderr)
         return 1
     if args.command == "run":

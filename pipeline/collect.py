@@ -21,12 +21,12 @@ from typing import Any, Callable
 
 import ray
 
-from pipeline.config import CollectConfig, ConfigError, Preset, task_id, teacher_id
+from pipeline.config import CollectConfig, ConfigError, Preset, cutoff_steps, task_id, teacher_id
 from pipeline.runtime import ensure_ray
 from pipeline.history import MANIFEST, SPEC, HistoryError, TeacherHistory, histories_dir
 from pipeline.schema import Manifest, SchemaError, Transitions
 from pipeline.store import Store
-from pipeline.teachers import Teacher, make_teacher
+from pipeline.teachers import Teacher, algo_config, make_teacher
 
 PROGRESS_SECONDS = 5.0
 ACTOR_RESTARTS = 3
@@ -60,11 +60,13 @@ class TeacherSpec:
     cutoffs: tuple[float, ...]
 
     def stops(self, shard_steps: int, checkpoint_steps: int | None) -> list[Stop]:
-        """The steps where run_teacher pauses, and what it does at each."""
-        cutoffs = {round(c * self.budget): c for c in self.cutoffs} | {self.budget: 1.0}
-        commits = set(range(checkpoint_steps, self.budget, checkpoint_steps)) if checkpoint_steps else set()
+        """The steps where run_teacher pauses, and what it does at each; all whole training iterations."""
+        unit = algo_config(self.algo, self.algo_config).granularity
+        whole = lambda steps: -(-steps // unit) * unit  # noqa: E731  (round up to whole iterations)
+        cutoffs = cutoff_steps(self.budget, list(self.cutoffs), unit)
+        commits = set(range(whole(checkpoint_steps), self.budget, whole(checkpoint_steps))) if checkpoint_steps else set()
         commits.add(self.budget)
-        shards = set(range(shard_steps, self.budget, shard_steps)) | commits
+        shards = set(range(whole(shard_steps), self.budget, whole(shard_steps))) | commits
         return [Stop(step, cutoffs.get(step), step in shards, step in commits) for step in sorted(cutoffs.keys() | shards)]
 
     def to_json(self) -> bytes:
@@ -110,6 +112,15 @@ def run_teacher(spec: TeacherSpec, store: Store, experiment: str, *, shard_steps
     if manifest.complete:
         return TeacherResult(spec.teacher_id, manifest.rows, 0)
     teacher = make_teacher(spec.algo, spec.env_id, spec.env_kwargs, seed=spec.seed, budget=spec.budget, config=spec.algo_config)
+    try:
+        return _run(teacher, spec, history, manifest, shard_steps, checkpoint_steps, progress)
+    finally:
+        teacher.close()
+
+
+def _run(teacher: Teacher, spec: TeacherSpec, history: TeacherHistory, manifest: Manifest, shard_steps: int,
+         checkpoint_steps: int | None, progress: Any) -> TeacherResult:
+    store, experiment = history.store, history.experiment
     if manifest.checkpoints:
         _load_checkpoint(teacher, store, f"{experiment}/{manifest.checkpoints[-1].path}")
     if teacher.step != manifest.next_step:

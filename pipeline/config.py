@@ -12,18 +12,21 @@ import difflib
 import re
 from dataclasses import field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium as gym
 import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
-import pipeline.envs  # noqa: F401  (registers the project's envs and ALE's)
+from pipeline.envs import make_env
 from pipeline.teachers import ALGORITHMS, algo_config
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "jobs" / "presets"
 SMOKE_BUDGET = 400  # env steps per teacher under --smoke
+SMOKE_TRAIN_STEPS = 10  # optimizer steps per imitator under --smoke
+SMOKE_CONTEXT = 32  # context steps of the smoke imitators
+SMOKE_HORIZON = 200  # env steps per evaluation arm under --smoke
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _STRICT = ConfigDict(extra="forbid")
 
@@ -43,6 +46,7 @@ class TeacherGroup:
     env_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to gym.make for every task
     tasks: list[dict[str, Any]] = field(default_factory=lambda: [{}])  # per-task gym.make kwargs
     heldout_tasks: list[dict[str, Any]] = field(default_factory=list)  # never collected: for transfer tests
+    heldout_envs: list[str] = field(default_factory=list)  # env ids never collected: transfer targets
     algo_config: dict[str, Any] = field(default_factory=dict)  # the algorithm's typed config
 
 
@@ -58,24 +62,134 @@ class CollectConfig:
 
 
 @dataclass(config=_STRICT)
+class ModelSize:
+    n_layer: int = Field(2, gt=0)
+    n_head: int = Field(2, gt=0)
+    n_embd: int = Field(64, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+@dataclass(config=_STRICT)
+class ImitatorGroup:
+    """Imitators fit on the histories of teacher groups of one env: one per cutoff x size x context.
+
+    The experimental axes are `cutoffs`, `sizes` and `context_steps` (no context length may
+    suffice, so it is an axis, not a tuned hyperparameter). Every window is the full stream of a
+    teacher's history: no episodes are subsampled.
+    """
+
+    teachers: list[str]  # collect group names; all on one env
+    cutoffs: list[float] | None = None  # fractions of the budget; None: collect.cutoffs. 1.0: full histories
+    sizes: dict[str, ModelSize] = field(default_factory=lambda: {"small": ModelSize()})
+    context_steps: list[int] = field(default_factory=lambda: [64])  # steps the transformer attends to
+    frame_stack: int = Field(4, gt=0)  # image observations: frames per token
+    # Steps per training window; None: context_steps. Attention spans context_steps steps per layer
+    # (sliding window, pipeline/model.py), so rollouts past the context reach back further through
+    # deeper layers; windows longer than the context train that reach too, at more cost.
+    window_steps: int | None = Field(None, gt=0)
+    window_stride: int | None = Field(None, gt=0)  # steps between window starts; None: half a window
+    val_fraction: float = Field(0.0, ge=0, lt=1)  # teachers held out for the validation loss (by id hash)
+    batch_size: int = Field(32, gt=0)  # windows per optimizer step, over all workers
+    steps: int = Field(1000, gt=0)  # optimizer steps
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-4, ge=0)  # cosine decay after warmup ends here
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    report_every: int = Field(50, gt=0)  # optimizer steps between metric reports (and validation)
+    checkpoint_every: int = Field(200, gt=0)  # optimizer steps between checkpoints
+    shuffle_buffer: int = Field(512, ge=0)  # windows in Ray Data's local shuffle buffer
+    temperature: float = Field(1.0, ge=0)  # rollouts: 0 greedy, else softmax sampling
+
+
+@dataclass(config=_STRICT)
+class TrainConfig:
+    imitators: dict[str, ImitatorGroup] = field(default_factory=dict)
+    num_workers: int = Field(1, gt=0)  # Ray Train workers per imitator (data parallel)
+    use_gpu: bool = False  # one GPU per worker (on a cluster); the device is chosen at run time
+    cpus_per_worker: int = Field(1, gt=0)
+    max_failures: int = Field(3, ge=0)  # worker failures an imitator's training survives
+    concurrent: int | None = Field(None, gt=0)  # imitators trained at once; None: as CPUs (or GPUs) allow
+
+
+ARMS = ("imitator", "teacher", "snapshot", "random")
+
+
+@dataclass(config=_STRICT)
+class EvaluateGroup:
+    """The tests run with one imitator group (see DESIGN.md): every cutoff below 1.0 of the group
+    gets the extrapolation test on its teachers' own tasks; if the teacher group has held-out
+    tasks or envs, every cutoff (1.0 included: the positive control) gets the transfer test there,
+    against a teacher learning them from scratch."""
+
+    horizon: int = Field(gt=0)  # env steps each arm runs after the cutoff
+    teachers: int | None = Field(None, gt=0)  # extrapolation: the first N teachers of the group; None: all
+    heldout: int | None = Field(None, ge=0)  # transfer: the first N held-out tasks (or envs); None: all
+    contexts: list[Literal["primed", "empty"]] = field(default_factory=lambda: ["primed"])  # extrapolation imitators
+    heldout_seeds: list[int] = field(default_factory=lambda: [0])  # transfer: runs per held-out task
+
+
+@dataclass(config=_STRICT)
+class EvaluateConfig:
+    imitators: dict[str, EvaluateGroup] = field(default_factory=dict)  # keyed by train.imitators group
+    max_concurrent_trials: int | None = Field(None, gt=0)  # None: one per CPU of the Ray cluster
+    max_failures: int = Field(2, ge=0)  # retries of a failed trial
+    window: int = Field(10, gt=0)  # W: episodes averaged by the metrics
+
+
+@dataclass(config=_STRICT)
 class Preset:
     name: str
     collect: CollectConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     description: str = ""
 
     def smoke(self) -> Preset:
-        """The same envs and algorithms, shrunk to a run of seconds."""
+        """The same envs and algorithms, shrunk to a run of seconds (still whole training iterations)."""
+        def budget(group: TeacherGroup) -> int:
+            unit = algo_config(group.algo, group.algo_config).granularity
+            return min(group.budget, unit * max(len(self.collect.cutoffs) + 1, SMOKE_BUDGET // unit))
+
         groups = {
             name: replace(
                 group,
-                budget=min(group.budget, SMOKE_BUDGET),
+                budget=budget(group),
                 seeds=group.seeds[:1],
                 tasks=group.tasks[:2],
                 heldout_tasks=group.heldout_tasks[:1],
             )
             for name, group in self.collect.teachers.items()
         }
-        return replace(self, name=f"{self.name}-smoke", collect=replace(self.collect, teachers=groups))
+        imitators = {
+            name: replace(
+                group,
+                steps=min(group.steps, SMOKE_TRAIN_STEPS),
+                report_every=min(group.report_every, SMOKE_TRAIN_STEPS // 2),
+                checkpoint_every=min(group.checkpoint_every, SMOKE_TRAIN_STEPS // 2),
+                sizes=dict(list(group.sizes.items())[:1]),
+                context_steps=[min(group.context_steps[0], SMOKE_CONTEXT)],
+                window_steps=None,
+                batch_size=min(group.batch_size, 8 * self.train.num_workers),
+            )
+            for name, group in self.train.imitators.items()
+        }
+        def horizon(name: str, group: EvaluateGroup) -> int:
+            teachers = self.collect.teachers[self.train.imitators[name].teachers[0]]
+            unit = algo_config(teachers.algo, teachers.algo_config).granularity
+            return min(group.horizon, unit * max(1, SMOKE_HORIZON // unit))
+
+        tests = {name: replace(group, horizon=horizon(name, group), teachers=1, heldout=min(group.heldout or 1, 1),
+                               heldout_seeds=group.heldout_seeds[:1])
+                 for name, group in self.evaluate.imitators.items()}
+        return replace(self, name=f"{self.name}-smoke", collect=replace(self.collect, teachers=groups),
+                       train=replace(self.train, imitators=imitators), evaluate=replace(self.evaluate, imitators=tests))
+
+
+def cutoff_steps(budget: int, cutoffs: list[float], granularity: int) -> dict[int, float]:
+    """Step of each cutoff fraction, rounded to whole training iterations; the end is cutoff 1.0."""
+    steps = {granularity * round(c * budget / granularity): c for c in cutoffs}
+    return steps | {budget: 1.0}
 
 
 def task_id(task: dict[str, Any]) -> str:
@@ -173,41 +287,106 @@ def validate(preset: Preset) -> Preset:
                 if tid in ids:
                     raise ConfigError(f"collect.teachers.{name}: teacher id {tid} is not unique (repeated task or seed?)")
                 ids.add(tid)
+    for name, imitators in preset.train.imitators.items():
+        _check_imitators(f"train.imitators.{name}", name, imitators, preset)
+    for name, group in preset.evaluate.imitators.items():
+        if name not in preset.train.imitators:
+            raise ConfigError(f"evaluate.imitators.{name}: no train.imitators group {name!r}; known: {', '.join(preset.train.imitators)}")
+        teachers = preset.collect.teachers[preset.train.imitators[name].teachers[0]]
+        if group.horizon % algo_config(teachers.algo, teachers.algo_config).granularity:
+            raise ConfigError(f"evaluate.imitators.{name}.horizon: {group.horizon} is not a whole number of "
+                              f"{teachers.algo} training iterations")
+    if any(g.batch_size % preset.train.num_workers for g in preset.train.imitators.values()):
+        raise ConfigError(f"train.num_workers: {preset.train.num_workers} workers must divide every imitator batch_size")
     return preset
+
+
+def imitator_cutoffs(imitators: ImitatorGroup, collect: CollectConfig) -> list[float]:
+    return imitators.cutoffs if imitators.cutoffs is not None else collect.cutoffs
+
+
+def _check_imitators(key: str, name: str, imitators: ImitatorGroup, preset: Preset) -> None:
+    if not _NAME.match(name):
+        raise ConfigError(f"{key}: imitator group names may use letters, digits, '_', '.' and '-' only")
+    groups = preset.collect.teachers
+    if not imitators.teachers:
+        raise ConfigError(f"{key}.teachers: name at least one collect group")
+    for index, group in enumerate(imitators.teachers):
+        if group not in groups:
+            raise ConfigError(f"{key}.teachers.{index}: no collect group {group!r}; known: {', '.join(groups)}")
+    envs = {groups[g].env for g in imitators.teachers}
+    if len(envs) > 1:
+        raise ConfigError(f"{key}.teachers: one imitator learns one env's histories, got {sorted(envs)}")
+    known = set(preset.collect.cutoffs) | {1.0}
+    for cutoff in imitator_cutoffs(imitators, preset.collect):
+        if cutoff not in known:
+            raise ConfigError(f"{key}.cutoffs: {cutoff} is not a collect cutoff (teacher checkpoints exist at {sorted(known)})")
+    for size_name, size in imitators.sizes.items():
+        if size.n_embd % (2 * size.n_head):
+            raise ConfigError(f"{key}.sizes.{size_name}: n_embd {size.n_embd} must be a multiple of 2 * n_head "
+                              "(heads of even width, for rotary positions)")
+    if not imitators.sizes or not imitators.context_steps or min(imitators.context_steps) < 1:
+        raise ConfigError(f"{key}: needs at least one size and positive context_steps")
+    for group in imitators.teachers:
+        teachers = groups[group]
+        unit = algo_config(teachers.algo, teachers.algo_config).granularity
+        for cutoff, step in _cutoff_steps_of(teachers, unit, preset.collect.cutoffs).items():
+            longest = max(imitators.window_steps or 0, *imitators.context_steps)
+            if cutoff in imitator_cutoffs(imitators, preset.collect) and step < longest + imitators.frame_stack:
+                raise ConfigError(f"{key}: training windows of {longest} steps do not fit in the "
+                                  f"{step} steps group {group!r} has before cutoff {cutoff}")
+
+
+def _cutoff_steps_of(group: TeacherGroup, unit: int, cutoffs: list[float]) -> dict[float, int]:
+    return {fraction: step for step, fraction in cutoff_steps(group.budget, cutoffs, unit).items()}
 
 
 def _check_group(key: str, name: str, group: TeacherGroup, cutoffs: list[float]) -> None:
     if not _NAME.match(name):
         raise ConfigError(f"{key}: group names may use letters, digits, '_', '.' and '-' only")
-    if group.env not in gym.registry:
-        close = difflib.get_close_matches(group.env, list(gym.registry), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{key}.env: unknown Gymnasium env id {group.env!r}{hint}")
+    _check_env_id(f"{key}.env", group.env)
     if group.algo not in ALGORITHMS:
         raise ConfigError(f"{key}.algo: unknown algorithm {group.algo!r}; known: {', '.join(ALGORITHMS)}")
     try:
-        algo_config(group.algo, group.algo_config)
+        config = algo_config(group.algo, group.algo_config)
     except ValidationError as error:
         raise ConfigError("; ".join(f"{key}.algo_config.{_describe(e)}" for e in error.errors())) from None
     if not group.seeds or not group.tasks:
         raise ConfigError(f"{key}: needs at least one seed and one task")
-    steps = [round(c * group.budget) for c in cutoffs]
-    if len(set(steps)) != len(steps) or steps[0] == 0:
-        raise ConfigError(f"{key}.budget: {group.budget} steps is too small to give distinct cutoff steps for {cutoffs}")
+    actions = None
     for kind, tasks in (("tasks", group.tasks), ("heldout_tasks", group.heldout_tasks)):
         for index, task in enumerate(tasks):
-            _check_env(f"{key}.{kind}.{index}", group, {**group.env_kwargs, **task})
+            actions = _check_env(f"{key}.{kind}.{index}", group.env, config, {**group.env_kwargs, **task})
+    for index, env_id in enumerate(group.heldout_envs):
+        _check_env_id(f"{key}.heldout_envs.{index}", env_id)
+        other = _check_env(f"{key}.heldout_envs.{index}", env_id, config, group.env_kwargs)
+        if other != actions:
+            raise ConfigError(f"{key}.heldout_envs.{index}: {env_id} has actions {other}, {group.env} has {actions}; "
+                              "transfer needs one action set (for Atari: env_kwargs full_action_space: true)")
+    if group.budget % config.granularity:
+        raise ConfigError(f"{key}.budget: {group.budget} is not a whole number of {group.algo} training "
+                          f"iterations of {config.granularity} env steps")
+    steps = sorted(cutoff_steps(group.budget, cutoffs, config.granularity))
+    if len(steps) != len(cutoffs) + 1 or steps[0] == 0:
+        raise ConfigError(f"{key}.budget: {group.budget} steps is too small to give distinct cutoff steps for {cutoffs}")
 
 
-def _check_env(key: str, group: TeacherGroup, kwargs: dict[str, Any]) -> None:
-    """Build the env once: catches bad kwargs and spaces the algorithm cannot use."""
-    _, teacher_type = ALGORITHMS[group.algo]
+def _check_env_id(key: str, env_id: str) -> None:
+    if env_id not in gym.registry:
+        close = difflib.get_close_matches(env_id, list(gym.registry), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}: unknown Gymnasium env id {env_id!r}{hint}")
+
+
+def _check_env(key: str, env_id: str, config, kwargs: dict[str, Any]) -> gym.Space:
+    """Build the env once: catches bad kwargs and spaces the algorithm cannot use; returns its actions."""
     try:
-        env = gym.make(group.env, **kwargs)
+        env = make_env(env_id, **kwargs)
     except Exception as error:  # envs raise anything for bad kwargs
-        raise ConfigError(f"{key}: {group.env} rejects {kwargs} ({type(error).__name__}: {error})") from None
+        raise ConfigError(f"{key}: {env_id} rejects {kwargs} ({type(error).__name__}: {error})") from None
     try:
-        teacher_type.check_spaces(group.env, env.observation_space, env.action_space)
+        config.check_spaces(env_id, env.observation_space, env.action_space)
+        return env.action_space
     except ValueError as error:
         raise ConfigError(f"{key}: {error}") from None
     finally:

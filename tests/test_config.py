@@ -96,3 +96,38 @@ def test_stops_put_checkpoints_at_cutoffs_and_commits_where_asked():
         (250, 0.25, False, False), (400, None, True, False), (500, 0.5, False, False),
         (800, None, True, False), (1000, 1.0, True, True)]
     assert [s.step for s in spec.stops(shard_steps=10_000, checkpoint_steps=300) if s.commits] == [300, 600, 900, 1000]
+
+
+RLLIB = """
+collect:
+  teachers:
+    pong:
+      env: ALE/Breakout-v5
+      algo: dqn
+      budget: 6400
+      env_kwargs: {full_action_space: true}
+      heldout_envs: [ALE/SpaceInvaders-v5]
+"""
+
+
+def test_an_atari_dqn_group_with_a_transfer_target_loads(tmp_path):
+    group = load_preset(write(tmp_path, RLLIB)).collect.teachers["pong"]
+    assert group.heldout_envs == ["ALE/SpaceInvaders-v5"]
+
+
+@pytest.mark.parametrize("change, message", [
+    (("budget: 6400", "budget: 6401"), r"pong.budget: 6401 is not a whole number of dqn training iterations of 64 env steps"),
+    (("algo: dqn", "algo: ppo"), r"pong.tasks.0: ppo teachers here need vector or discrete observations \(use dqn for images\)"),
+    (("budget: 6400", "budget: 6400\n      algo_config: {replay_ratio: 1.5}"), r"1.5 updates per iteration; choose values"),
+    (("env_kwargs: {full_action_space: true}", "env_kwargs: {}"), r"pong.heldout_envs.0: ALE/SpaceInvaders-v5 has actions Discrete\(6\), "
+     r"ALE/Breakout-v5 has Discrete\(4\).*full_action_space: true"),
+    (("[ALE/SpaceInvaders-v5]", "[ALE/SpaceInvader-v5]"), r"pong.heldout_envs.0: unknown Gymnasium env id 'ALE/SpaceInvader-v5' \(did you mean 'ALE/SpaceInvaders-v5'\?\)"),
+])
+def test_bad_rllib_groups_name_the_key(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        load_preset(write(tmp_path, RLLIB.replace(*change)))
+
+
+def test_smoke_keeps_whole_training_iterations():
+    breakout = load_preset("atari", smoke=True).collect.teachers["breakout"]
+    assert breakout.budget % 100 == 0 and breakout.budget <= 1000 and breakout.algo == "dqn"

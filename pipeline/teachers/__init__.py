@@ -5,35 +5,44 @@ All teachers implement one API (the fleet, the evaluation arms and the tests use
     teacher = make_teacher(algo, env_id, env_kwargs, seed=0, budget=20_000, config={...})
     batch = teacher.train_steps(n)   # learn for exactly n env steps; returns the Transitions it acted in
     teacher.step                     # env steps taken so far = global step of its next transition
+    teacher.granularity              # n must be a multiple of this (RLlib trains in whole iterations)
     teacher.save(directory)          # everything needed to continue the same timeline
     teacher.restore(directory)
-    teacher.act(obs)                 # greedy action of the current (frozen) policy
+    teacher.act(obs, first=False)    # greedy action of the current (frozen) policy
+    teacher.close()                  # release the env (and an RLlib algorithm's runner and learner)
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Any, Protocol
 
 from pydantic import TypeAdapter
 
 from pipeline.schema import ObsEncoding, Transitions
-from pipeline.teachers.tabular import QLearningConfig, QLearningTeacher
+from pipeline.teachers.rllib_config import DQNConfig, PPOConfig
+from pipeline.teachers.tabular import QLearningConfig
 
 
 class Teacher(Protocol):
     encoding: ObsEncoding
     step: int
+    granularity: int
 
     def train_steps(self, n: int) -> Transitions: ...
     def save(self, directory: str) -> None: ...
     def restore(self, directory: str) -> None: ...
-    def act(self, obs: Any) -> int: ...
+    def act(self, obs: Any, first: bool = False) -> int: ...
+    def close(self) -> None: ...
 
 
-# algo name -> (typed config, teacher class)
-ALGORITHMS: dict[str, tuple[type, type]] = {
-    "qlearning": (QLearningConfig, QLearningTeacher),
+# algo name -> (typed config, "module:TeacherClass"); teacher modules are imported only when used,
+# so presets validate and tabular runs start without loading RLlib.
+ALGORITHMS: dict[str, tuple[type, str]] = {
+    "qlearning": (QLearningConfig, "pipeline.teachers.tabular:QLearningTeacher"),
+    "dqn": (DQNConfig, "pipeline.teachers.rllib:RLlibTeacher"),
+    "ppo": (PPOConfig, "pipeline.teachers.rllib:RLlibTeacher"),
 }
 
 
@@ -48,5 +57,6 @@ def _adapter(algo: str) -> TypeAdapter:
 
 
 def make_teacher(algo: str, env_id: str, env_kwargs: dict[str, Any], *, seed: int, budget: int, config: dict[str, Any]) -> Teacher:
-    _, teacher_type = ALGORITHMS[algo]
+    module, name = ALGORITHMS[algo][1].split(":")
+    teacher_type = getattr(importlib.import_module(module), name)
     return teacher_type(env_id, env_kwargs, seed=seed, budget=budget, config=algo_config(algo, config))

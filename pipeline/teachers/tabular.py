@@ -10,7 +10,7 @@ import numpy as np
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
-import pipeline.envs  # noqa: F401  (registers the project's envs)
+from pipeline.envs import make_env
 from pipeline.schema import ObsEncoding, Transitions
 
 CHECKPOINT_FILE = "qlearning.pkl"
@@ -24,25 +24,27 @@ class QLearningConfig:
     epsilon_end: float = Field(0.05, ge=0, le=1)
     epsilon_decay: float = Field(0.8, gt=0, le=1)  # fraction of the budget over which epsilon falls linearly
 
-
-class QLearningTeacher:
-    """One Q-table, one env. Every env step is one TD update, so policy_version == step."""
-
-    def __init__(self, env_id: str, env_kwargs: dict, *, seed: int, budget: int, config: QLearningConfig):
-        self.env = gym.make(env_id, **env_kwargs)
-        self.check_spaces(env_id, self.env.observation_space, self.env.action_space)
-        self.encoding = ObsEncoding.for_space(self.env.observation_space)
-        self.config, self.budget = config, budget
-        self.rng = np.random.default_rng(seed)
-        # Tiny random values break argmax ties randomly instead of always picking action 0.
-        self.q = self.rng.uniform(0, 1e-6, (self.env.observation_space.n, self.env.action_space.n))
-        self.obs, _ = self.env.reset(seed=seed)
-        self.step, self.episode, self.episode_step = 0, 0, 0
+    granularity = 1  # any number of steps per train_steps call
 
     @staticmethod
     def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Space) -> None:
         if not all(isinstance(space, gym.spaces.Discrete) for space in (observation_space, action_space)):
             raise ValueError(f"qlearning needs discrete observations and actions; {env_id} has {observation_space} and {action_space}")
+
+
+class QLearningTeacher:
+    """One Q-table, one env. Every env step is one TD update, so policy_version == step."""
+
+    def __init__(self, env_id: str, env_kwargs: dict, *, seed: int, budget: int, config: QLearningConfig):
+        self.env = make_env(env_id, **env_kwargs)
+        config.check_spaces(env_id, self.env.observation_space, self.env.action_space)
+        self.encoding = ObsEncoding.for_space(self.env.observation_space)
+        self.config, self.budget, self.granularity = config, budget, config.granularity
+        self.rng = np.random.default_rng(seed)
+        # Tiny random values break argmax ties randomly instead of always picking action 0.
+        self.q = self.rng.uniform(0, 1e-6, (self.env.observation_space.n, self.env.action_space.n))
+        self.obs, _ = self.env.reset(seed=seed)
+        self.step, self.episode, self.episode_step = 0, 0, 0
 
     def epsilon(self, steps: np.ndarray) -> np.ndarray:
         c = self.config
@@ -96,8 +98,11 @@ class QLearningTeacher:
         out.policy_version[:] = out.step  # one TD update per step
         return out
 
-    def act(self, obs) -> int:
+    def act(self, obs, first: bool = False) -> int:
         return int(self.q[obs].argmax())
+
+    def close(self) -> None:
+        self.env.close()
 
     # The env is pickled with its state, so a restored teacher continues mid-episode exactly.
     _STATE = ("q", "rng", "env", "obs", "step", "episode", "episode_step")

@@ -1,0 +1,95 @@
+"""Imitator training speed: Ray Train + Ray Data against a bare PyTorch loop, and FLOP utilisation.
+
+    python bench/train_throughput.py              # the quick preset's Dark Room imitator at cutoff 0.5
+    python bench/train_throughput.py --steps 600
+
+Collects the quick preset's Dark Room histories into a temporary store, then prints, from one run:
+  ray train   tokens/s of the real train stage (fit_imitator: Ray Data reading the Parquet shards,
+              windows, TorchTrainer with one CPU worker), timed inside the training loop from its
+              first batch to its last step; the Train job's start-up is printed apart.
+  bare        tokens/s of the same model, optimizer and steps over the same windows already in
+              memory as tensors. Goal: ray train / bare >= 0.9.
+  MFU         achieved FLOP/s (model.flops_per_step() x tokens/s) over the FLOP/s of a plain
+              torch.matmul shaped like the model's MLP matmul, measured in the same run. Aim > 25%.
+torch uses one thread everywhere, as in a Ray Train worker with one CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import tempfile
+import time
+from dataclasses import replace
+
+import ray
+import torch
+
+from pipeline.collect import collect
+from pipeline.config import load_preset
+from pipeline.model import Imitator, ModelArgs
+from pipeline.store import Store
+from pipeline.train import fit_imitator, imitator_specs, optimizer_step, shard_paths, windows_dataset
+
+
+def bare_loop(args: ModelArgs, hp: dict, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Seconds for len(batches) optimizer steps, as train_loop makes them."""
+    torch.manual_seed(0)
+    model = Imitator(args)
+    optimizer = model.configure_optimizer(hp["weight_decay"], hp["lr"], (0.9, 0.95))
+    start = time.perf_counter()
+    for step, batch in enumerate(batches):
+        optimizer_step(model, optimizer, batch, step, hp)
+    return time.perf_counter() - start
+
+
+def matmul_flops(rows: int, inner: int, cols: int, repeats: int = 50) -> float:
+    a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+    torch.matmul(a, b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.matmul(a, b)
+    return 2 * rows * inner * cols * repeats / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=400)
+    options = parser.parse_args()
+    torch.set_num_threads(1)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    preset = load_preset("quick")
+    preset = replace(preset, collect=replace(preset.collect, teachers={"darkroom": preset.collect.teachers["darkroom"]}),
+                     train=replace(preset.train, imitators={"darkroom": preset.train.imitators["darkroom"]}))
+    spec = next(s for s in imitator_specs(preset) if s.cutoff == 0.5)
+    hp = {**spec.hparams, "steps": options.steps, "report_every": options.steps, "checkpoint_every": options.steps}
+    spec = replace(spec, hparams=hp, val_teachers=())
+    args = ModelArgs.from_dict(spec.model_args)
+    with tempfile.TemporaryDirectory() as root:
+        store = Store(root)
+        collect(preset, store, "bench", log=lambda line: None)
+        started = time.perf_counter()
+        result = fit_imitator(preset, store, "bench", spec)
+        train_wall = time.perf_counter() - started
+        dataset = windows_dataset(store, shard_paths(store, "bench", spec, spec.train_teachers), spec)
+        batches = list(itertools.islice(dataset.iter_torch_batches(batch_size=hp["batch_size"], drop_last=True), options.steps))
+    tokens = options.steps * hp["batch_size"] * args.context_steps
+    ray_rate, bare_rate = result["tokens_per_s"], tokens / bare_loop(args, hp, batches)
+    model = Imitator(args)
+    achieved = model.flops_per_step() * bare_rate
+    peak = matmul_flops(hp["batch_size"] * args.context_steps, args.n_embd, 4 * args.n_embd)
+    print(f"{spec.name} at cutoff 0.5: {args.n_layer} layers, n_embd {args.n_embd}, {model.num_params():,} parameters, "
+          f"batch {hp['batch_size']} x {args.context_steps} steps, {options.steps} optimizer steps, "
+          f"{len(spec.train_teachers)} teachers")
+    print(f"  ray train (in the loop)   {ray_rate:10,.0f} tokens/s   (whole fit incl. start-up: {train_wall:.1f} s, "
+          f"{tokens / train_wall:,.0f} tokens/s)")
+    print(f"  bare loop, batches in RAM {bare_rate:10,.0f} tokens/s")
+    print(f"ray train / bare = {ray_rate / bare_rate:.3f}   (goal: >= 0.9)")
+    print(f"MFU: {achieved / 1e9:.2f} GFLOP/s achieved (bare loop) / {peak / 1e9:.2f} GFLOP/s of a "
+          f"({hp['batch_size'] * args.context_steps} x {args.n_embd}) @ ({args.n_embd} x {4 * args.n_embd}) matmul = "
+          f"{achieved / peak:.1%}   (aim: > 25%); through ray train: {model.flops_per_step() * ray_rate / peak:.1%}")
+
+
+if __name__ == "__main__":
+    main()

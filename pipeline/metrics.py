@@ -1,0 +1,372 @@
+"""Every metric of DESIGN.md ("Metrics"), as pure functions of learning curves; no Ray, no I/O.
+
+    curve = Curve.from_results(trial_frame)                  # one evaluation trial's Tune results
+    row = per_seed_metrics(history, teacher, imitator, snapshot, cutoff_step=c, horizon_steps=H)
+    table = summarise(pandas.DataFrame(rows))                # one row per (env, cutoff): CIs + verdict
+
+A `Curve` is one run's episodes: `end_step[i]` is the number of env steps the run had taken when
+episode i ended (CleanRL's `global_step`, what the trials report as `charts/env_steps`), and
+`episode_return[i]` its undiscounted return. The evaluation arms count steps from 0 = the cutoff.
+
+Windows: a "W-episode mean" is the mean return of W consecutive episodes (default `WINDOW`). When
+fewer than W episodes exist, it is the mean of those that exist; with none it is NaN. NaN means "no
+data" everywhere in this module, and `verdict`/`summarise` turn it into an explicit missing status
+instead of averaging fewer seeds.
+
+Metric and Tune metric names are defined here once; the rest of the package imports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
+
+import numpy as np
+import pandas as pd
+
+# Tune / TensorBoard names each evaluation trial reports, once per finished episode (CleanRL style).
+EPISODIC_RETURN = "charts/episodic_return"
+EPISODIC_LENGTH = "charts/episodic_length"
+ENV_STEPS = "charts/env_steps"  # env steps the arm has taken, from 0 at the cutoff
+
+# Defaults.
+WINDOW = 10  # episodes in a W-episode mean
+N_RESAMPLES = 10_000  # bootstrap resamples
+CONFIDENCE = 0.95  # two-sided percentile bootstrap interval
+BOOTSTRAP_SEED = 0
+
+# Per-seed metrics (columns of the per-seed frame; estimates in the summary).
+L_C = "teacher_return_at_cutoff"  # mean of the teacher's last W episodes before the cutoff
+B_C = "pre_cutoff_best"  # best W-episode mean before the cutoff: the ceiling the imitator saw
+GAIN_TEACHER = "gain_teacher"  # continued teacher's final W-episode mean - L_c
+GAIN_IMITATOR = "gain_imitator"  # imitator's final W-episode mean - L_c
+CEILING_EXCEEDANCE = "ceiling_exceedance"  # imitator final - B_c
+SNAPSHOT_FIDELITY = "snapshot_fidelity"  # imitator first-W mean / L_c
+FIRST_IMITATOR = "first_return_imitator"  # imitator first-W mean (fidelity's numerator)
+FINAL_TEACHER = "final_return_teacher"  # final W-episode mean of each arm after H steps
+FINAL_IMITATOR = "final_return_imitator"
+FINAL_SNAPSHOT = "final_return_snapshot"
+FINAL_RANDOM = "final_return_random"
+TRANSFER_AUC_RATIO = "transfer_auc_ratio"  # AUC(imitator) / AUC(teacher from scratch), held-out env
+PER_SEED_METRICS = (L_C, B_C, GAIN_TEACHER, GAIN_IMITATOR, CEILING_EXCEEDANCE, SNAPSHOT_FIDELITY,
+                    FIRST_IMITATOR, FINAL_TEACHER, FINAL_IMITATOR, FINAL_SNAPSHOT, FINAL_RANDOM,
+                    TRANSFER_AUC_RATIO)
+
+# Group-level results (summary columns).
+EXTRAPOLATION_RATIO = "extrapolation_ratio"  # mean(gain_imitator) / mean(gain_teacher)
+EXTRAPOLATION_RATIO_REASON = "extrapolation_ratio_reason"  # "" when reported, else why it is NaN
+VERDICT = "verdict"
+N_SEEDS = "n_seeds"  # seeds with a row in the group
+MISSING_SEEDS = "missing_seeds"  # expected seeds without every value the verdict needs
+LOW, HIGH, COUNT = "_low", "_high", "_n"  # suffixes: CI bounds and number of finite seeds
+
+# Keys of the per-seed frame.
+ENV = "env"
+CUTOFF = "cutoff"
+SEED = "seed"
+
+# Verdicts. A missing verdict reads "missing: seeds [3, 4]".
+EXTRAPOLATES = "extrapolates"
+DOES_NOT = "does not"
+INCONCLUSIVE = "inconclusive"
+MISSING = "missing"
+VERDICT_INPUTS = (FINAL_IMITATOR, FINAL_TEACHER, B_C)
+
+
+def ci_columns(metric: str) -> tuple[str, str, str]:
+    """Summary column names of a metric's estimate, CI low and CI high."""
+    return metric, metric + LOW, metric + HIGH
+
+
+# --- curves ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Episodes of one run, in order: end_step (env steps taken when it ended) and its return."""
+
+    end_step: np.ndarray  # (N,) non-decreasing
+    episode_return: np.ndarray  # (N,)
+
+    def __post_init__(self):
+        end_step = np.asarray(self.end_step, dtype=np.int64).reshape(-1)
+        episode_return = np.asarray(self.episode_return, dtype=np.float64).reshape(-1)
+        if len(end_step) != len(episode_return):
+            raise ValueError(f"Curve: {len(end_step)} end steps but {len(episode_return)} returns")
+        if np.any(np.diff(end_step) < 0):
+            raise ValueError("Curve: end_step must be non-decreasing")
+        if not np.all(np.isfinite(episode_return)):
+            raise ValueError("Curve: episode returns must be finite")
+        object.__setattr__(self, "end_step", end_step)
+        object.__setattr__(self, "episode_return", episode_return)
+
+    def __len__(self) -> int:
+        return len(self.end_step)
+
+    def upto(self, step: int | None) -> Curve:
+        """The episodes finished within the first `step` env steps (end_step <= step); None: all."""
+        if step is None:
+            return self
+        keep = self.end_step <= step
+        return Curve(self.end_step[keep], self.episode_return[keep])
+
+    @classmethod
+    def from_transitions(cls, step: np.ndarray, reward: np.ndarray, done: np.ndarray) -> Curve:
+        """Episodes of a recorded history (schema columns `step`, `reward`, `terminated | truncated`),
+        rows in step order starting at an episode start; an unfinished last episode is dropped.
+        An episode whose last row has step s gets end_step s + 1."""
+        ends = np.flatnonzero(np.asarray(done, dtype=bool))
+        totals = np.cumsum(np.asarray(reward, dtype=np.float64))[ends]
+        return cls(np.asarray(step)[ends] + 1, np.diff(totals, prepend=0.0))
+
+    @classmethod
+    def from_results(cls, frame: pd.DataFrame) -> Curve:
+        """One trial's reported results (columns ENV_STEPS, EPISODIC_RETURN); rows without a return are skipped."""
+        rows = frame.dropna(subset=[EPISODIC_RETURN]).sort_values(ENV_STEPS, kind="stable")
+        return cls(rows[ENV_STEPS].to_numpy(), rows[EPISODIC_RETURN].to_numpy())
+
+
+# --- W-episode means ---------------------------------------------------------------------------
+
+
+def window_mean(returns: np.ndarray, window: int = WINDOW) -> float:
+    """Mean of the last `window` returns (all of them if fewer; NaN if none)."""
+    returns = np.asarray(returns, dtype=np.float64)
+    return float(returns[-window:].mean()) if len(returns) else float("nan")
+
+
+def last_window_mean(curve: Curve, by_step: int | None, window: int = WINDOW) -> float:
+    """Mean of the last W episodes finished by env step `by_step` (end_step <= by_step)."""
+    return window_mean(curve.upto(by_step).episode_return, window)
+
+
+def best_window_mean(curve: Curve, by_step: int | None, window: int = WINDOW) -> float:
+    """max_i mean(r[i : i+W]) over the episodes finished by `by_step`; mean of all if fewer than W."""
+    returns = curve.upto(by_step).episode_return
+    if len(returns) <= window:
+        return window_mean(returns, window)
+    sums = np.cumsum(np.concatenate([[0.0], returns]))
+    return float(((sums[window:] - sums[:-window]) / window).max())
+
+
+def first_window_mean(curve: Curve, window: int = WINDOW) -> float:
+    """Mean of the first W episodes."""
+    return window_mean(curve.episode_return[:window], window)
+
+
+def final_window_mean(curve: Curve, window: int = WINDOW) -> float:
+    """Mean of the last W episodes."""
+    return window_mean(curve.episode_return, window)
+
+
+# --- per seed ----------------------------------------------------------------------------------
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator, NaN when the denominator is 0 or NaN (undefined, not infinite)."""
+    if not np.isfinite(denominator) or denominator == 0:
+        return float("nan")
+    return float(numerator / denominator)
+
+
+def per_seed_metrics(history: Curve, teacher: Curve | None, imitator: Curve | None, snapshot: Curve | None,
+                     *, cutoff_step: int | None = None, horizon_steps: int | None = None,
+                     random: Curve | None = None, window: int = WINDOW) -> dict[str, float]:
+    """The metrics of one (env, cutoff, seed).
+
+    history: the teacher's recorded episodes; only those finished by `cutoff_step` count (None: the
+        curve is already the pre-cutoff part). Arms (continued teacher, imitator, frozen snapshot,
+        random) count steps from 0 = the cutoff; only episodes finished by `horizon_steps` count
+        (None: all). A missing arm (None) makes its metrics NaN, which the verdict reports as missing.
+
+        L_c = mean of the last W pre-cutoff episodes      B_c = best W-episode pre-cutoff mean
+        gain_arm = final_W(arm) - L_c                      ceiling exceedance = final_W(imitator) - B_c
+        snapshot fidelity = first_W(imitator) / L_c       (NaN when L_c == 0)
+    """
+    pre = history.upto(cutoff_step)
+
+    def final(arm: Curve | None) -> float:
+        return final_window_mean(arm.upto(horizon_steps), window) if arm is not None else float("nan")
+
+    l_c, b_c = last_window_mean(pre, None, window), best_window_mean(pre, None, window)
+    first = first_window_mean(imitator, window) if imitator is not None else float("nan")
+    return {
+        L_C: l_c,
+        B_C: b_c,
+        GAIN_TEACHER: final(teacher) - l_c,
+        GAIN_IMITATOR: final(imitator) - l_c,
+        CEILING_EXCEEDANCE: final(imitator) - b_c,
+        SNAPSHOT_FIDELITY: ratio(first, l_c),
+        FIRST_IMITATOR: first,
+        FINAL_TEACHER: final(teacher),
+        FINAL_IMITATOR: final(imitator),
+        FINAL_SNAPSHOT: final(snapshot),
+        FINAL_RANDOM: final(random),
+    }
+
+
+def auc(curve: Curve, horizon_steps: int) -> float:
+    """(1/H) * integral over [0, H] of the return as a step function of env steps.
+
+    Each episode's return holds from its end until the next episode's end; before the first end the
+    first return holds (the first measurement, not 0, so negative-return envs are not flattered).
+    Episodes ending after H are ignored; NaN if none ends by H. A constant curve has AUC = constant.
+    """
+    curve = curve.upto(horizon_steps)
+    if len(curve) == 0 or horizon_steps <= 0:
+        return float("nan")
+    widths = np.diff(np.concatenate([[0], curve.end_step, [horizon_steps]]))  # (N+1,)
+    values = np.concatenate([curve.episode_return[:1], curve.episode_return])  # (N+1,)
+    return float((widths * values).sum() / horizon_steps)
+
+
+def transfer_auc_ratio(imitator: Curve, scratch_teacher: Curve, horizon_steps: int) -> float:
+    """AUC(imitator) / AUC(teacher learning the held-out env from scratch), both over [0, H].
+    NaN unless the teacher's AUC is positive (the ratio means nothing otherwise)."""
+    denominator = auc(scratch_teacher, horizon_steps)
+    return ratio(auc(imitator, horizon_steps), denominator) if denominator > 0 else float("nan")
+
+
+# --- over seeds --------------------------------------------------------------------------------
+
+
+def _finite(values: Iterable[float]) -> np.ndarray:
+    values = np.asarray(values if hasattr(values, "__len__") else list(values), dtype=np.float64)
+    return values[np.isfinite(values)]
+
+
+def _resamples(n: int, n_resamples: int, seed: int) -> np.ndarray:
+    """(n_resamples, n) indices drawn with replacement; the same for the same (n, n_resamples, seed)."""
+    return np.random.default_rng(seed).integers(n, size=(n_resamples, n))
+
+
+def _percentiles(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(samples, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+def bootstrap_ci(values: Iterable[float], statistic: Callable[..., Any] = np.mean, n_resamples: int = N_RESAMPLES,
+                 confidence: float = CONFIDENCE, seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
+    """(statistic(values), low, high): percentile bootstrap over seeds, NaNs dropped.
+
+    `statistic` must reduce along `axis=-1` (numpy reductions do). Deterministic given `seed`.
+    With one value: (value's statistic, NaN, NaN), as one seed has no spread; with none: all NaN.
+    """
+    values = _finite(values)
+    if len(values) == 0:
+        return float("nan"), float("nan"), float("nan")
+    estimate = float(statistic(values, axis=-1))
+    if len(values) < 2:
+        return estimate, float("nan"), float("nan")
+    samples = statistic(values[_resamples(len(values), n_resamples, seed)], axis=-1)  # (n_resamples,)
+    return (estimate, *_percentiles(samples, confidence))
+
+
+class RatioEstimate(NamedTuple):
+    estimate: float
+    low: float
+    high: float
+    reason: str  # "" when reported, else why the numbers are NaN
+
+
+def extrapolation_ratio(gain_imitator: Sequence[float], gain_teacher: Sequence[float], n_resamples: int = N_RESAMPLES,
+                        confidence: float = CONFIDENCE, seed: int = BOOTSTRAP_SEED) -> RatioEstimate:
+    """mean(gain_imitator) / mean(gain_teacher) over paired seeds, with a paired percentile bootstrap CI.
+
+    Reported only where the teacher's gain is significantly positive (its bootstrap CI low > 0);
+    seeds missing either gain are dropped from the pairing.
+    """
+    gi, gt = np.asarray(gain_imitator, dtype=np.float64), np.asarray(gain_teacher, dtype=np.float64)
+    paired = np.isfinite(gi) & np.isfinite(gt)
+    gi, gt = gi[paired], gt[paired]
+    nan = float("nan")
+    if len(gt) < 2:
+        return RatioEstimate(nan, nan, nan, f"fewer than 2 seeds with both gains ({len(gt)})")
+    _, teacher_low, _ = bootstrap_ci(gt, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    if not teacher_low > 0:
+        return RatioEstimate(nan, nan, nan, f"teacher gain not significantly positive (CI low {teacher_low:.3g})")
+    index = _resamples(len(gt), n_resamples, seed)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a resample may average the teacher gain to 0
+        samples = gi[index].mean(axis=-1) / gt[index].mean(axis=-1)  # (n_resamples,)
+    return RatioEstimate(float(gi.mean() / gt.mean()), *_percentiles(samples, confidence), "")
+
+
+def _plain(seed: Any) -> Any:
+    return seed.item() if isinstance(seed, np.generic) else seed
+
+
+def missing_seeds(expected_seeds: Iterable[Any], present_seeds: Iterable[Any]) -> list[Any]:
+    """Expected seeds that are not present, sorted."""
+    present = {_plain(s) for s in present_seeds}
+    return sorted({_plain(s) for s in expected_seeds} - present)
+
+
+def missing_status(missing: Sequence[Any]) -> str:
+    """The verdict that replaces a comparison when data is missing: 'missing: seeds [3, 4]'."""
+    return f"{MISSING}: seeds {list(missing)}" if len(missing) else f"{MISSING}: no seeds"
+
+
+def verdict(imitator_final: Sequence[float], teacher_final: Sequence[float], ceiling: Sequence[float],
+            seeds: Sequence[Any] | None = None, expected_seeds: Iterable[Any] | None = None,
+            n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE, seed: int = BOOTSTRAP_SEED) -> str:
+    """EXTRAPOLATES, DOES_NOT, INCONCLUSIVE, or 'missing: seeds [...]', from paired per-seed values.
+
+    The three sequences are aligned with `seeds` (default 0..n-1). A seed is present only if all
+    three of its values are finite; if any expected seed (default: `seeds`) is not, or there are
+    none, the verdict is the missing status: no verdict is drawn over fewer seeds.
+        extrapolates: CI of (imitator final - B_c) is above 0
+        does not:     not extrapolates, and CI of (imitator final - continued teacher final) is below 0
+        inconclusive: otherwise (including one seed, which has no CI)
+    """
+    imitator, teacher, b_c = (np.asarray(v, dtype=np.float64) for v in (imitator_final, teacher_final, ceiling))
+    if not len(imitator) == len(teacher) == len(b_c):
+        raise ValueError(f"verdict: {len(imitator)}, {len(teacher)}, {len(b_c)} values; one per seed expected")
+    seeds = list(range(len(imitator))) if seeds is None else list(seeds)
+    present = [s for s, ok in zip(seeds, np.isfinite(imitator) & np.isfinite(teacher) & np.isfinite(b_c)) if ok]
+    missing = missing_seeds(seeds if expected_seeds is None else expected_seeds, present)
+    if missing or not present:
+        return missing_status(missing)
+    options = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
+    _, above_low, _ = bootstrap_ci(imitator - b_c, **options)
+    if above_low > 0:
+        return EXTRAPOLATES
+    _, _, behind_high = bootstrap_ci(imitator - teacher, **options)
+    return DOES_NOT if behind_high < 0 else INCONCLUSIVE
+
+
+def summarise(per_seed: pd.DataFrame, by: Sequence[str] = (ENV, CUTOFF), expected_seeds: Iterable[Any] | None = None,
+              n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE, seed: int = BOOTSTRAP_SEED) -> pd.DataFrame:
+    """One row per group (default (env, cutoff)) from one row per (group, seed).
+
+    Columns: the group keys; N_SEEDS; for each per-seed metric present, its bootstrap estimate,
+    `_low`, `_high` and `_n` (finite seeds); the extrapolation ratio with its CI and
+    EXTRAPOLATION_RATIO_REASON; and, when the frame has the verdict's inputs (final returns of
+    imitator and teacher, B_c), MISSING_SEEDS and VERDICT. Expected seeds default to every seed
+    in the frame, so a seed absent from one group shows there as missing.
+    """
+    duplicated = per_seed.duplicated([*by, SEED])
+    if duplicated.any():
+        twice = per_seed[duplicated][[*by, SEED]].values.tolist()
+        raise ValueError(f"summarise: more than one row per ({', '.join(by)}, seed): {twice}")
+    expected = sorted({_plain(s) for s in per_seed[SEED]}) if expected_seeds is None else list(expected_seeds)
+    options = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
+    metrics = [m for m in PER_SEED_METRICS if m in per_seed.columns]
+    rows = []
+    for keys, group in per_seed.groupby(list(by), dropna=False, sort=True):
+        row: dict[str, Any] = dict(zip(by, keys))
+        row[N_SEEDS] = int(group[SEED].nunique())
+        for metric in metrics:
+            row.update(zip(ci_columns(metric), bootstrap_ci(group[metric], **options)))
+            row[metric + COUNT] = int(np.isfinite(group[metric].to_numpy(dtype=np.float64)).sum())
+        if GAIN_IMITATOR in group and GAIN_TEACHER in group:
+            estimate = extrapolation_ratio(group[GAIN_IMITATOR], group[GAIN_TEACHER], **options)
+            row.update(zip(ci_columns(EXTRAPOLATION_RATIO), estimate[:3]))
+            row[EXTRAPOLATION_RATIO_REASON] = estimate.reason
+        if all(column in group for column in VERDICT_INPUTS):
+            inputs = group[list(VERDICT_INPUTS)].to_numpy(dtype=np.float64)
+            complete = group[SEED][np.isfinite(inputs).all(axis=1)]
+            row[MISSING_SEEDS] = missing_seeds(expected, complete)
+            row[VERDICT] = verdict(*inputs.T, seeds=group[SEED].tolist(), expected_seeds=expected, **options)
+        rows.append(row)
+    return pd.DataFrame(rows)

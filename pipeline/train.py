@@ -1,0 +1,386 @@
+"""Train stage: fit the Algorithm-Distillation imitators on the teachers' histories with Ray Train.
+
+    python -m pipeline train --preset quick            # after collect; one imitator per cutoff x size x context
+    python -m pipeline train --preset quick --smoke    # ten optimizer steps per imitator
+
+Each imitator reads its teacher groups' committed shards with Ray Data through the store's
+filesystem (so s3:// works), keeps the rows with step < its cutoff step (a filter Ray Data
+pushes into the Parquet read), cuts windows that never cross teachers (pipeline/windows.py) and
+streams them to a TorchTrainer fitting pipeline/model.py by next-action prediction. Teachers
+held out by `val_fraction` give the validation loss. Checkpoints, metrics and TensorBoard logs
+go to {store}/{experiment}/imitators/cutoff={c}/{name}/; rerunning resumes an unfinished
+imitator from its newest checkpoint (optimizer and step included) and skips finished ones, and
+Ray Train restarts failed workers from it (FailureConfig). Expect a loss falling from
+log(n_actions) and, on held-out teachers, a validation loss that follows it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import tempfile
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from pipeline.collect import TeacherSpec, teacher_specs
+from pipeline.config import ConfigError, ImitatorGroup, Preset, cutoff_steps, imitator_cutoffs
+from pipeline.envs import make_env
+from pipeline.history import HistoryError, TeacherHistory
+from pipeline.model import Imitator, ModelArgs
+from pipeline.runtime import ensure_ray
+from pipeline.schema import ObsEncoding, check_schema
+from pipeline.store import Store
+from pipeline.teachers import algo_config
+from pipeline.windows import make_windows
+
+CHECKPOINT_FILE = "imitator.pt"
+SPEC_FILE = "_imitator.json"  # what the imitator is; a rerun with other settings is refused
+DONE_FILE = "_done.json"  # written once training finished: final metrics and checkpoint path
+READ_COLUMNS = ["teacher_id", "step", "episode_step", "obs", "action", "reward"]
+VAL_BATCHES = 8  # batches of held-out windows per validation
+MAX_REPEAT_BYTES = 256 * 2**20  # largest block of repeated windows epochs_per_read makes
+
+
+class TrainError(RuntimeError):
+    """An imitator cannot be trained from what is in the store; the message names the data at fault."""
+
+
+@dataclass(frozen=True)
+class ImitatorSpec:
+    """One imitator: a group of teachers, a cutoff, a model size and a context length."""
+
+    group: str
+    name: str  # {group}-{size}-ctx{context_steps}
+    cutoff: float
+    cutoff_step: int  # rows with step < cutoff_step are its training data
+    env_id: str
+    model_args: dict[str, Any]  # ModelArgs as a dict
+    hparams: dict[str, Any]  # the ImitatorGroup's training settings
+    train_teachers: tuple[str, ...]
+    val_teachers: tuple[str, ...]
+
+    def dir(self, experiment: str) -> str:
+        return f"{imitators_dir(experiment, self.cutoff)}/{self.name}"
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
+
+
+def imitators_dir(experiment: str, cutoff: float) -> str:
+    return f"{experiment}/imitators/cutoff={cutoff:g}"
+
+
+def held_out(teacher_ids: list[str], fraction: float) -> set[str]:
+    """A fixed share of teachers for validation, chosen by a hash of their ids (stable across runs)."""
+    if fraction == 0 or len(teacher_ids) < 2:
+        return set()
+    count = min(len(teacher_ids) - 1, max(1, round(fraction * len(teacher_ids))))
+    return set(sorted(teacher_ids, key=lambda t: zlib.crc32(t.encode()))[:count])
+
+
+def model_args_for(env_id: str, env_kwargs: dict, group: ImitatorGroup, size, context_steps: int) -> ModelArgs:
+    env = make_env(env_id, **env_kwargs)
+    try:
+        encoding = ObsEncoding.for_space(env.observation_space)
+        n_actions = int(env.action_space.n)
+    finally:
+        env.close()
+    return ModelArgs(obs_kind=encoding.kind, obs_shape=tuple(encoding.shape), obs_n=encoding.n, n_actions=n_actions,
+                     n_layer=size.n_layer, n_head=size.n_head, n_embd=size.n_embd, dropout=size.dropout,
+                     context_steps=context_steps, frame_stack=group.frame_stack if encoding.kind == "image" else 1)
+
+
+def imitator_specs(preset: Preset) -> list[ImitatorSpec]:
+    teachers = teacher_specs(preset)
+    specs = []
+    for name, group in preset.train.imitators.items():
+        members = [t for t in teachers if t.group in group.teachers]
+        validation = held_out([t.teacher_id for t in members], group.val_fraction)
+        first = preset.collect.teachers[group.teachers[0]]
+        unit = algo_config(first.algo, first.algo_config).granularity
+        steps = {fraction: step for step, fraction in cutoff_steps(first.budget, preset.collect.cutoffs, unit).items()}
+        hparams = {k: v for k, v in asdict(group).items() if k not in ("teachers", "cutoffs", "sizes", "context_steps")}
+        for cutoff in imitator_cutoffs(group, preset.collect):
+            for size_name, size in group.sizes.items():
+                for context in group.context_steps:
+                    args = model_args_for(first.env, members[0].env_kwargs, group, size, context)
+                    specs.append(ImitatorSpec(
+                        group=name, name=f"{name}-{size_name}-ctx{context}", cutoff=cutoff, cutoff_step=steps[cutoff],
+                        env_id=first.env, model_args=asdict(args), hparams=hparams,
+                        train_teachers=tuple(t.teacher_id for t in members if t.teacher_id not in validation),
+                        val_teachers=tuple(t.teacher_id for t in members if t.teacher_id in validation)))
+    return specs
+
+
+# --- data ---
+
+
+def shard_paths(store: Store, experiment: str, spec: ImitatorSpec, teacher_ids: tuple[str, ...]) -> list[str]:
+    """Full store paths of the committed shards holding steps < cutoff_step, after checking that each
+    teacher has committed that far and that every such shard is readable history of this schema."""
+    paths = []
+    for teacher in teacher_ids:
+        history = TeacherHistory(store, experiment, spec.env_id, teacher)
+        manifest = history.read_manifest()
+        if manifest.next_step < spec.cutoff_step:
+            raise TrainError(f"imitator {spec.name} (cutoff {spec.cutoff:g}) needs the first {spec.cutoff_step} steps of "
+                             f"teacher {teacher}, but {store.url(history.dir)} has {manifest.next_step} committed: run collect first")
+        manifest.shards = [s for s in manifest.shards if s.first_step < spec.cutoff_step]
+        history.verify(manifest)
+        paths += [store.full(history.path(s.path)) for s in manifest.shards]
+    return paths
+
+
+def read_encoding(store: Store, path: str) -> ObsEncoding:
+    with store.fs.open(path, "rb") as handle:
+        return check_schema(pq.read_schema(handle), path)
+
+
+def history_rows(store: Store, paths: list[str], cutoff_step: int) -> ray.data.Dataset:
+    """The rows of these shards with step < cutoff_step; Ray Data pushes the filter into the Parquet read."""
+    from ray.data.expressions import col
+
+    return (ray.data.read_parquet(paths, filesystem=store.arrow_fs, partitioning=None)
+            .select_columns(READ_COLUMNS)
+            .filter(expr=col("step") < cutoff_step))
+
+
+def epochs_per_read(spec: ImitatorSpec, shards: int, window: int, stride: int) -> int:
+    """How many epochs each read of the Parquet data yields (each block's windows repeated, each
+    repeat in its own order). Ray Data starts a read pipeline per pass, seconds of fixed cost, so
+    a small history is read once for all the epochs training needs rather than once per epoch;
+    a large one (bytes per block over MAX_REPEAT_BYTES) is read once per epoch."""
+    args = ModelArgs.from_dict(spec.model_args)
+    teachers = len(spec.train_teachers)
+    per_teacher = max(1, (spec.cutoff_step - window) // stride)
+    needed = math.ceil(spec.hparams["steps"] * spec.hparams["batch_size"] / (teachers * per_teacher))
+    obs_bytes = {"discrete": 8, "vector": 4 * math.prod(args.obs_shape),
+                 "image": args.frame_stack * math.prod(args.obs_shape)}[args.obs_kind]
+    block_bytes = per_teacher * teachers / max(1, shards) * window * (obs_bytes + 21)
+    return int(max(1, min(needed, MAX_REPEAT_BYTES // block_bytes)))
+
+
+def windows_dataset(store: Store, paths: list[str], spec: ImitatorSpec, repeat: bool = True) -> ray.data.Dataset:
+    """Training windows, streamed: Parquet rows with step < cutoff_step -> windows of one teacher each."""
+    args = ModelArgs.from_dict(spec.model_args)
+    encoding = read_encoding(store, paths[0])
+    rows = history_rows(store, paths, spec.cutoff_step)
+    window = spec.hparams["window_steps"] or args.context_steps
+    stride = spec.hparams["window_stride"] or max(1, window // 2)
+    repeats = epochs_per_read(spec, len(paths), window, stride) if repeat else 1
+
+    def to_windows(table: pa.Table) -> dict[str, np.ndarray]:
+        columns = {name: table[name].to_numpy(zero_copy_only=False) for name in READ_COLUMNS if name != "obs"}
+        columns["obs"] = encoding.decode(table["obs"])
+        windows = make_windows(columns, window_steps=window, stride=stride, n_actions=args.n_actions,
+                               frame_stack=args.frame_stack)
+        order = np.concatenate([rng.permutation(len(windows["action"])) for _ in range(repeats)])
+        return {name: values[order] for name, values in windows.items()}
+
+    rng = np.random.default_rng()
+
+    return rows.map_batches(to_windows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+
+
+# --- the training loop (runs in each Ray Train worker) ---
+
+
+def learning_rate(step: int, hp: dict[str, Any]) -> float:
+    """Linear warmup, then cosine decay from lr to min_lr at the last step."""
+    if step < hp["warmup_steps"]:
+        return hp["lr"] * (step + 1) / hp["warmup_steps"]
+    progress = (step - hp["warmup_steps"]) / max(1, hp["steps"] - hp["warmup_steps"])
+    return hp["min_lr"] + 0.5 * (hp["lr"] - hp["min_lr"]) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    _, loss = model(batch["obs"], batch["prev_action"], batch["prev_reward"], batch["first"], targets=batch["action"])
+    return loss
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                   step: int, hp: dict[str, Any]) -> torch.Tensor:
+    """One update at the schedule's learning rate for `step`, gradients clipped; returns the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, hp)
+    loss = batch_loss(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
+    optimizer.step()
+    return loss
+
+
+def validation_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    model.eval()
+    with torch.no_grad():
+        losses = [batch_loss(model, batch).item() for batch in batches]
+    model.train()
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
+    """Updates the optimizer's state has seen (it travels in checkpoints, so it counts across resumes)."""
+    return int(max((state["step"] for state in optimizer.state.values()), default=0))
+
+
+def save_checkpoint(directory: str, model: Imitator, optimizer: torch.optim.Optimizer, step: int, args: ModelArgs) -> None:
+    torch.save({"model_args": asdict(args), "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
+               os.path.join(directory, CHECKPOINT_FILE))
+
+
+def load_imitator(directory: str, device: str | torch.device = "cpu") -> Imitator:
+    """The frozen imitator of a checkpoint directory, rebuilt from the model args it stores."""
+    state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location=device, weights_only=True)
+    model = Imitator(ModelArgs.from_dict(state["model_args"])).to(device)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    from tensorboardX import SummaryWriter
+
+    hp, args = config["hparams"], ModelArgs.from_dict(config["model_args"])
+    context = ray.train.get_context()
+    rank, workers = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(Imitator(args))
+    bare = model.module if hasattr(model, "module") else model
+    optimizer = bare.configure_optimizer(hp["weight_decay"], hp["lr"], (0.9, 0.95))
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location=device, weights_only=True)
+        bare.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+
+    per_worker = hp["batch_size"] // workers
+    train_windows = ray.train.get_dataset_shard("train")
+    iterate = lambda shard, shuffle: shard.iter_torch_batches(  # noqa: E731
+        batch_size=per_worker, drop_last=True, device=device, local_shuffle_buffer_size=shuffle or None)
+    # The same few held-out batches at every validation, read once.
+    val_batches = list(itertools.islice(iterate(ray.train.get_dataset_shard("val"), 0), VAL_BATCHES)) if config["has_val"] else None
+    # Rank 0 logs to TensorBoard in a local folder and copies it into the store at each report.
+    store, tensorboard_dir = config["store"], tempfile.mkdtemp(prefix="tensorboard-")
+    writer = SummaryWriter(tensorboard_dir) if rank == 0 else None
+    tokens_per_step = hp["batch_size"] * (hp["window_steps"] or args.context_steps)
+    started, first_step = time.perf_counter(), step
+    while step < hp["steps"]:
+        batches = 0
+        for batch in iterate(train_windows, hp["shuffle_buffer"]):
+            batches += 1
+            if step == first_step:  # tokens/s from the first batch on: the read pipeline's start-up is not training
+                started = time.perf_counter()
+            loss = optimizer_step(model, optimizer, batch, step, hp)
+            step += 1
+            done = step == hp["steps"]
+            if step % hp["report_every"] == 0 or step % hp["checkpoint_every"] == 0 or done:
+                metrics = {"step": step, "loss": loss.item(), "lr": learning_rate(step - 1, hp),
+                           "tokens_per_s": (step - first_step) * tokens_per_step / (time.perf_counter() - started),
+                           "resumed_from": first_step, "optimizer_steps": optimizer_steps(optimizer)}
+                if val_batches is not None:
+                    metrics["val_loss"] = validation_loss(model, val_batches)
+                with tempfile.TemporaryDirectory() as directory:
+                    keep = rank == 0 and (step % hp["checkpoint_every"] == 0 or done)
+                    if keep:
+                        save_checkpoint(directory, bare, optimizer, step, args)
+                    if writer:
+                        for name, value in metrics.items():
+                            writer.add_scalar(f"imitator/{name}", value, step)
+                        writer.flush()
+                        store.upload_dir(tensorboard_dir, config["tensorboard_path"])
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if keep else None)
+            if done:
+                break
+        if batches == 0:
+            raise TrainError(f"no training window of {hp['window_steps'] or args.context_steps} steps: the histories before the cutoff are "
+                             f"shorter than the context, or there are fewer windows than a batch of {per_worker}")
+    if writer:
+        writer.close()
+
+
+# --- the stage ---
+
+
+def train(preset: Preset, store: Store, experiment: str, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Train every imitator of the preset that is not finished yet; returns each one's final metrics."""
+    specs = imitator_specs(preset)
+    if not specs:
+        log("train: the preset lists no imitators (train.imitators)")
+        return []
+    store.check_writable(f"{experiment}/imitators")
+    results, todo = [], []
+    for spec in specs:
+        done = _stored(store, f"{spec.dir(experiment)}/{DONE_FILE}")
+        _check_same_spec(store, experiment, spec)
+        (results.append(json.loads(done)) if done else todo.append(spec))
+    for spec in todo:  # check all data before training any
+        shard_paths(store, experiment, spec, spec.train_teachers + spec.val_teachers)
+    if todo:
+        ensure_ray()
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    for number, spec in enumerate(todo, 1):
+        log(f"train: imitator {number}/{len(todo)}: {spec.name} at cutoff {spec.cutoff:g} "
+            f"({len(spec.train_teachers)} teachers, {len(spec.val_teachers)} held out, {spec.hparams['steps']} steps)")
+        results.append(fit_imitator(preset, store, experiment, spec))
+        log(f"train: {spec.name} at cutoff {spec.cutoff:g}: loss {results[-1]['loss']:.3f}"
+            + (f", validation loss {results[-1]['val_loss']:.3f}" if "val_loss" in results[-1] else ""))
+    log(f"train: done: {len(specs)} imitators in {store.url(f'{experiment}/imitators')}")
+    return results
+
+
+def fit_imitator(preset: Preset, store: Store, experiment: str, spec: ImitatorSpec) -> dict[str, Any]:
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    datasets = {"train": windows_dataset(store, shard_paths(store, experiment, spec, spec.train_teachers), spec)}
+    if spec.val_teachers:
+        datasets["val"] = windows_dataset(store, shard_paths(store, experiment, spec, spec.val_teachers), spec, repeat=False)
+    settings = preset.train
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"hparams": spec.hparams, "model_args": spec.model_args, "has_val": bool(spec.val_teachers),
+                           "store": store, "tensorboard_path": f"{spec.dir(experiment)}/tensorboard"},
+        scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+                                     resources_per_worker={"CPU": settings.cpus_per_worker}),
+        run_config=RunConfig(name=spec.name, storage_path=store.full(imitators_dir(experiment, spec.cutoff)),
+                             storage_filesystem=store.arrow_fs, failure_config=FailureConfig(max_failures=settings.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    final = {**result.metrics, "imitator": spec.name, "cutoff": spec.cutoff, "checkpoint": result.checkpoint.path}
+    store.write_bytes(f"{spec.dir(experiment)}/{DONE_FILE}", json.dumps(final, indent=1).encode())
+    return final
+
+
+def _stored(store: Store, path: str) -> bytes | None:
+    try:
+        return store.read_bytes(path)
+    except FileNotFoundError:
+        return None
+
+
+def _check_same_spec(store: Store, experiment: str, spec: ImitatorSpec) -> None:
+    path = f"{spec.dir(experiment)}/{SPEC_FILE}"
+    old = _stored(store, path)
+    if old is None:
+        store.write_bytes(path, spec.to_json())
+    elif json.loads(old) != json.loads(spec.to_json()):
+        raise ConfigError(f"experiment {experiment!r} already holds imitator {spec.name} at cutoff {spec.cutoff:g} "
+                          "trained with other settings; use another --experiment, or the settings it was started with")

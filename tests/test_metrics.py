@@ -1,0 +1,242 @@
+"""Metrics of DESIGN.md on synthetic curves whose answers are known by hand."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.metrics import (B_C, CEILING_EXCEEDANCE, COUNT, CUTOFF, DOES_NOT, ENV, ENV_STEPS, EPISODIC_RETURN,
+                              EXTRAPOLATES, EXTRAPOLATION_RATIO, EXTRAPOLATION_RATIO_REASON, FINAL_IMITATOR,
+                              FINAL_RANDOM, FINAL_SNAPSHOT, FINAL_TEACHER, FIRST_IMITATOR, GAIN_IMITATOR,
+                              GAIN_TEACHER, INCONCLUSIVE, L_C, MISSING, MISSING_SEEDS, N_SEEDS, SEED,
+                              SNAPSHOT_FIDELITY, Curve, auc, best_window_mean, bootstrap_ci, ci_columns,
+                              extrapolation_ratio, final_window_mean, first_window_mean, last_window_mean,
+                              per_seed_metrics, summarise, transfer_auc_ratio, verdict, window_mean)
+
+EPISODE = 20  # env steps per synthetic episode
+SEEDS = [0, 1, 2, 3, 4]
+
+
+def curve(returns, start: int = 0) -> Curve:
+    """Episodes of EPISODE steps each, the first ending at start + EPISODE."""
+    returns = np.asarray(returns, dtype=float)
+    return Curve(start + EPISODE * np.arange(1, len(returns) + 1), returns)
+
+
+def nan(x) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+# --- curves and windows --------------------------------------------------------------------------
+
+
+def test_window_means_by_hand():
+    c = curve(np.arange(1, 16))  # returns 1..15, ending at steps 20, 40, ..., 300
+    assert window_mean([1, 2, 3, 4], 2) == 3.5
+    assert last_window_mean(c, 200, 3) == 9.0  # episodes 1..10 finished by step 200: mean(8, 9, 10)
+    assert last_window_mean(c, 199, 3) == 8.0  # the episode ending at 200 is not finished by 199
+    assert last_window_mean(c, None, 3) == 14.0
+    assert first_window_mean(c, 3) == 2.0 and final_window_mean(c, 4) == 13.5
+    peaked = curve([0, 5, 9, 1, 1, 1, 50])
+    assert best_window_mean(peaked, 120, 2) == 7.0  # rolling means 2.5, 7, 5, 1, 1; the 50 ends at 140
+    assert best_window_mean(peaked, None, 2) == 25.5
+
+
+def test_fewer_than_w_episodes_use_what_exists_and_none_is_nan():
+    c = curve([2.0, 4.0])
+    assert last_window_mean(c, None, 10) == best_window_mean(c, None, 10) == first_window_mean(c, 10) == 3.0
+    assert nan(last_window_mean(c, 19, 10)) and nan(best_window_mean(c, 0, 10))
+    assert nan(final_window_mean(curve([]), 10)) and nan(window_mean([], 10))
+
+
+def test_best_window_is_at_least_the_last_window():
+    rng = np.random.default_rng(1)
+    c = curve(rng.normal(size=200).cumsum())
+    for by in (100, 1000, 4000):
+        assert best_window_mean(c, by, 10) >= last_window_mean(c, by, 10)
+
+
+def test_curve_from_transitions_and_from_results():
+    reward = np.array([0, 1, 0, 2, 2, 5, 1], dtype=np.float32)
+    done = np.array([0, 1, 0, 0, 1, 0, 0], dtype=bool)  # two finished episodes, one unfinished
+    c = Curve.from_transitions(np.arange(100, 107), reward, done)
+    np.testing.assert_array_equal(c.end_step, [102, 105])  # last row's step + 1
+    np.testing.assert_array_equal(c.episode_return, [1.0, 4.0])
+
+    frame = pd.DataFrame({ENV_STEPS: [40, 10, 25, 30], EPISODIC_RETURN: [4.0, 1.0, np.nan, 3.0]})
+    c = Curve.from_results(frame)
+    np.testing.assert_array_equal(c.end_step, [10, 30, 40])
+    np.testing.assert_array_equal(c.episode_return, [1.0, 3.0, 4.0])
+
+
+def test_curve_rejects_bad_input():
+    with pytest.raises(ValueError, match="non-decreasing"):
+        Curve(np.array([10, 5]), np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="2 end steps but 1 returns"):
+        Curve(np.array([1, 2]), np.array([1.0]))
+
+
+# --- per seed ------------------------------------------------------------------------------------
+
+
+def test_per_seed_metrics_by_hand():
+    # Pre-cutoff: 10 episodes at 50, 10 at 100 (the best window), 10 at 80 (the last); after the
+    # cutoff at step 600 the recorded history reaches 500, which the imitator never saw.
+    history = curve([50] * 10 + [100] * 10 + [80] * 10 + [500] * 10)
+    cutoff = 30 * EPISODE
+    teacher = curve([100] * 10 + [150] * 10)
+    imitator = curve([72] * 10 + [90] * 10 + [10_000])  # the last episode ends after the horizon
+    snapshot = curve([80] * 21)
+    horizon = 20 * EPISODE
+    m = per_seed_metrics(history, teacher, imitator, snapshot, cutoff_step=cutoff, horizon_steps=horizon)
+    assert m[L_C] == 80 and m[B_C] == 100
+    assert m[FINAL_TEACHER] == 150 and m[GAIN_TEACHER] == 70
+    assert m[FINAL_IMITATOR] == 90 and m[GAIN_IMITATOR] == 10 and m[CEILING_EXCEEDANCE] == -10
+    assert m[FIRST_IMITATOR] == 72 and m[SNAPSHOT_FIDELITY] == pytest.approx(0.9)
+    assert m[FINAL_SNAPSHOT] == 80 and nan(m[FINAL_RANDOM])  # no random arm given
+    # the same history already cut gives the same ceiling
+    assert per_seed_metrics(history.upto(cutoff), teacher, imitator, snapshot)[B_C] == 100
+
+
+def test_snapshot_fidelity_is_nan_when_the_teacher_returned_zero():
+    m = per_seed_metrics(curve([0] * 10), curve([1] * 10), curve([3] * 10), curve([0] * 10))
+    assert m[L_C] == 0 and nan(m[SNAPSHOT_FIDELITY]) and m[FIRST_IMITATOR] == 3
+
+
+def test_a_missing_arm_gives_nan_not_zero():
+    m = per_seed_metrics(curve([5] * 10), curve([9] * 10), None, curve([5] * 10))
+    assert nan(m[FINAL_IMITATOR]) and nan(m[GAIN_IMITATOR]) and nan(m[SNAPSHOT_FIDELITY])
+    assert m[GAIN_TEACHER] == 4
+
+
+# --- area under the curve -------------------------------------------------------------------------
+
+
+def test_auc_of_a_constant_curve_is_the_constant():
+    assert auc(curve([7.0] * 30), 1000) == pytest.approx(7.0)
+    assert auc(curve([-3.0] * 5, start=130), 200) == pytest.approx(-3.0)  # the first return holds before its end
+
+
+def test_auc_by_hand():
+    c = Curve(np.array([10, 30, 80]), np.array([1.0, 3.0, 100.0]))
+    assert auc(c, 50) == pytest.approx((10 * 1 + 20 * 1 + 20 * 3) / 50)  # the episode ending at 80 is ignored
+    assert nan(auc(c, 5))  # no episode ends within the horizon
+
+
+def test_transfer_auc_ratio():
+    assert transfer_auc_ratio(curve([2.0] * 10), curve([4.0] * 10), 200) == pytest.approx(0.5)
+    assert nan(transfer_auc_ratio(curve([2.0] * 10), curve([0.0] * 10), 200))
+
+
+# --- bootstrap ------------------------------------------------------------------------------------
+
+
+def test_bootstrap_ci_contains_the_mean_narrows_with_seeds_and_is_deterministic():
+    few = np.array([8.3, 12.1, 9.4, 11.7, 10.2])
+    many = np.tile(few, 20)  # the same spread over 20x the seeds: the CI should shrink ~sqrt(20)x
+    estimate, low, high = bootstrap_ci(few)
+    assert estimate == pytest.approx(few.mean()) and low < estimate < high
+    _, low_many, high_many = bootstrap_ci(many)
+    assert high_many - low_many < (high - low) / 3
+    assert bootstrap_ci(few, seed=3) == bootstrap_ci(few, seed=3)
+    assert bootstrap_ci(few, seed=3) != bootstrap_ci(few, seed=4)
+    assert bootstrap_ci(few, statistic=np.median)[0] == pytest.approx(np.median(few))
+
+
+def test_bootstrap_ci_drops_nans_and_needs_two_values_for_bounds():
+    assert bootstrap_ci([1.0, np.nan, 3.0])[0] == 2.0
+    estimate, low, high = bootstrap_ci([4.0, np.nan])
+    assert estimate == 4.0 and nan(low) and nan(high)
+    assert all(nan(x) for x in bootstrap_ci([]))
+
+
+def test_extrapolation_ratio_reported_only_for_a_significant_teacher_gain():
+    teacher_gain = np.array([100.0, 110, 90, 105, 95])
+    imitator_gain = np.array([50.0, 60, 40, 55, 45])
+    r = extrapolation_ratio(imitator_gain, teacher_gain)
+    assert r.estimate == pytest.approx(0.5) and r.low < 0.5 < r.high and r.reason == ""
+
+    flat_teacher = np.array([30.0, -40, 10, -20, 15])  # mean -1: no significant gain
+    r = extrapolation_ratio(imitator_gain, flat_teacher)
+    assert nan(r.estimate) and nan(r.low) and nan(r.high) and "not significantly positive" in r.reason
+    assert "fewer than 2" in extrapolation_ratio([1.0, np.nan], [5.0, 6.0]).reason  # one paired seed
+
+
+# --- verdicts -------------------------------------------------------------------------------------
+
+
+def seed_rows(imitator_final, teacher_final, pre_cutoff_best=100.0, snapshot=100.0):
+    """Per-seed metrics of 5 seeds from synthetic curves: the teacher's history peaks at
+    `pre_cutoff_best`; arms end at the given final returns."""
+    rows = []
+    for seed, (im, te) in enumerate(zip(imitator_final, teacher_final)):
+        history = curve(np.linspace(0, pre_cutoff_best, 40).tolist() + [pre_cutoff_best] * 10)
+        m = per_seed_metrics(history, curve([snapshot] * 10 + [te] * 10), curve([snapshot] * 10 + [im] * 10),
+                             curve([snapshot] * 20))
+        rows.append({ENV: "Env-v0", CUTOFF: 0.25, SEED: seed, **m})
+    return pd.DataFrame(rows)
+
+
+def verdict_of(frame: pd.DataFrame, **kwargs) -> str:
+    return verdict(frame[FINAL_IMITATOR], frame[FINAL_TEACHER], frame[B_C], seeds=frame[SEED], **kwargs)
+
+
+def test_an_imitator_above_its_ceiling_extrapolates():
+    frame = seed_rows(imitator_final=[198, 203, 200, 197, 202], teacher_final=[250] * 5)
+    assert (frame[B_C] == 100).all()
+    assert verdict_of(frame) == EXTRAPOLATES
+
+
+def test_an_imitator_stuck_at_the_snapshot_while_the_teacher_rises_does_not():
+    frame = seed_rows(imitator_final=[99, 101, 100, 98, 102], teacher_final=[195, 205, 200, 210, 190])
+    assert verdict_of(frame) == DOES_NOT
+
+
+def test_noisy_overlapping_seeds_are_inconclusive():
+    frame = seed_rows(imitator_final=[60, 130, 160, 80, 110], teacher_final=[40, 160, 150, 105, 95])
+    assert verdict_of(frame) == INCONCLUSIVE
+
+
+def test_a_missing_seed_is_reported_not_averaged_away():
+    frame = seed_rows(imitator_final=[198, 203, 200, 197, 202], teacher_final=[250] * 5)
+    frame.loc[frame[SEED] == 3, FINAL_IMITATOR] = np.nan  # that seed's imitator trial failed
+    assert verdict_of(frame) == f"{MISSING}: seeds [3]"
+    # a seed with no row at all, caught through the expected seeds
+    four = frame[frame[SEED] != 3]
+    assert verdict_of(four) == EXTRAPOLATES  # the four present seeds alone would pass
+    assert verdict_of(four, expected_seeds=SEEDS) == f"{MISSING}: seeds [3]"
+    assert verdict([], [], []) == f"{MISSING}: no seeds"
+
+
+# --- summary --------------------------------------------------------------------------------------
+
+
+def test_summarise_one_row_per_env_and_cutoff_with_cis_verdicts_and_missing_seeds():
+    up = seed_rows(imitator_final=[198, 203, 200, 197, 202], teacher_final=[250] * 5)
+    flat = seed_rows(imitator_final=[99, 101, 100, 98, 102], teacher_final=[195, 205, 200, 210, 190])
+    flat[ENV] = "Flat-v0"
+    gap = seed_rows(imitator_final=[198, 203, 200, 197, 202], teacher_final=[250] * 5)
+    gap[CUTOFF] = 0.5
+    gap = gap[gap[SEED] != 4]  # seed 4 never ran at this cutoff
+    table = summarise(pd.concat([up, flat, gap]))
+
+    assert len(table) == 3
+    by_key = table.set_index([ENV, CUTOFF])
+    row = by_key.loc[("Env-v0", 0.25)]
+    assert row["verdict"] == EXTRAPOLATES and row[N_SEEDS] == 5 and row[MISSING_SEEDS] == []
+    estimate, low, high = (row[c] for c in ci_columns(GAIN_IMITATOR))
+    assert estimate == pytest.approx(up[GAIN_IMITATOR].mean()) and low <= estimate <= high
+    assert row[GAIN_IMITATOR + COUNT] == 5
+    assert row[EXTRAPOLATION_RATIO] == pytest.approx(up[GAIN_IMITATOR].mean() / up[GAIN_TEACHER].mean())
+    assert row[EXTRAPOLATION_RATIO_REASON] == ""
+
+    assert by_key.loc[("Flat-v0", 0.25)]["verdict"] == DOES_NOT
+    missing = by_key.loc[("Env-v0", 0.5)]
+    assert missing["verdict"] == f"{MISSING}: seeds [4]" and missing[MISSING_SEEDS] == [4] and missing[N_SEEDS] == 4
+
+
+def test_summarise_rejects_duplicate_seeds():
+    frame = seed_rows(imitator_final=[100] * 5, teacher_final=[100] * 5)
+    with pytest.raises(ValueError, match="more than one row"):
+        summarise(pd.concat([frame, frame.iloc[:1]]))

@@ -1,0 +1,164 @@
+"""The train stage for real: windows, the cutoff filter, Ray Train reading the moto S3 server,
+an interrupted run resumed by rerunning it, and bad input named in the error."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.collect import collect, teacher_specs
+from pipeline.config import ConfigError, load_preset
+from pipeline.history import HistoryError, TeacherHistory
+from pipeline.schema import VERSION_KEY, ObsEncoding, Transitions
+from pipeline.store import Store
+from pipeline.train import TrainError, history_rows, imitator_specs, shard_paths, train
+from pipeline.windows import make_windows, stack_frames
+
+from conftest import REPO
+
+pytestmark = pytest.mark.usefixtures("ray_address")
+N_ACTIONS = 5
+
+
+def rows_of(teacher: str, steps: range, episode_len: int, code: int) -> dict[str, np.ndarray]:
+    steps = np.array(steps)
+    return {"teacher_id": np.array([teacher] * len(steps), dtype=object), "step": steps,
+            "episode_step": steps % episode_len, "obs": code * 1000 + steps,
+            "action": steps % N_ACTIONS, "reward": (steps % 3).astype(np.float32)}
+
+
+def test_windows_never_cross_teachers_or_gaps():
+    parts = [rows_of("a", range(0, 30), 7, 1), rows_of("b", range(0, 30), 7, 2), rows_of("a", range(40, 70), 7, 1)]
+    rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    shuffled = np.random.default_rng(0).permutation(len(rows["step"]))
+    windows = make_windows({k: v[shuffled] for k, v in rows.items()}, window_steps=8, stride=4, n_actions=N_ACTIONS)
+    obs = windows["obs"]
+    assert len(obs) == 6 + 6 + 6  # 8-step windows every 4 steps in each 30-step run
+    assert sorted(obs[(obs[:, 0] >= 1040) & (obs[:, 0] < 2000), 0]) == [1041, 1045, 1049, 1053, 1057, 1061]  # after the gap: from its second row
+    assert (obs // 1000 == obs[:, :1] // 1000).all()  # one teacher per window
+    assert (np.diff(obs, axis=1) == 1).all()  # consecutive steps, no gap inside a window
+    steps = obs % 1000
+    np.testing.assert_array_equal(windows["action"], steps % N_ACTIONS)
+    expected_prev = np.where(steps == 0, N_ACTIONS, (steps - 1) % N_ACTIONS)
+    np.testing.assert_array_equal(windows["prev_action"], expected_prev)  # "none" only at the history's start
+    np.testing.assert_array_equal(windows["prev_reward"], np.where(steps == 0, 0, (steps - 1) % 3))
+    np.testing.assert_array_equal(windows["first"], steps % 7 == 0)
+
+
+def test_frame_stacks_stay_inside_their_episode():
+    frames = np.arange(10, dtype=np.uint8)[:, None, None] * np.ones((1, 2, 2), np.uint8)
+    episode_step = np.array([0, 1, 2, 3, 0, 1, 2, 3, 4, 5])
+    stacks = stack_frames(frames, episode_step, 3)[:, :, 0, 0]
+    np.testing.assert_array_equal(stacks[0], [0, 0, 0])  # the reset frame repeated
+    np.testing.assert_array_equal(stacks[3], [1, 2, 3])
+    np.testing.assert_array_equal(stacks[5], [4, 4, 5])  # never a frame of the previous episode
+    np.testing.assert_array_equal(stacks[9], [7, 8, 9])
+
+
+def test_cutoff_filter_drops_exactly_the_rows_at_or_past_the_cutoff(tmp_path):
+    preset = load_preset("smoke")
+    store = Store(str(tmp_path))
+    collect(preset, store, "exp", log=lambda line: None)
+    spec = imitator_specs(preset)[0]
+    teachers = spec.train_teachers + spec.val_teachers
+    frame = history_rows(store, shard_paths(store, "exp", spec, teachers), spec.cutoff_step).to_pandas()
+    assert spec.cutoff_step == 600
+    for teacher in teachers:
+        steps = np.sort(frame[frame["teacher_id"] == teacher]["step"].to_numpy())
+        np.testing.assert_array_equal(steps, np.arange(spec.cutoff_step))
+
+
+def write_deterministic_histories(store: Store, experiment: str, preset) -> None:
+    """Smoke teachers' histories whose action is a fixed function of the observation (obs mod 5):
+    learnable exactly, so a model that fits it drives the loss to ~0."""
+    encoding = ObsEncoding("discrete", (), 25)
+    rng = np.random.default_rng(0)
+    for spec in teacher_specs(preset):
+        n = spec.budget
+        batch = Transitions.empty(n, encoding)
+        batch.obs[:] = rng.integers(0, 25, n)
+        batch.action[:] = batch.obs % N_ACTIONS
+        batch.truncated[9::10] = True
+        batch.number_steps(0, 0, 0)
+        history = TeacherHistory(store, experiment, spec.env_id, spec.teacher_id)
+        table = batch.to_table(encoding, teacher_id=spec.teacher_id, env_id=spec.env_id, task_id=spec.task_id, seed=spec.seed)
+        staged = [history.stage(table)]
+        history.commit(history.read_manifest(), staged, [history.checkpoint_entry(n, None)], complete=True)
+
+
+def tensorboard_tags(store: Store, folder: str) -> bytes:
+    names = [p for p in store.fs.find(store.full(folder)) if "tfevents" in p]
+    assert names, f"no TensorBoard event file under {folder}"
+    return b"".join(store.fs.cat_file(p) for p in names)
+
+
+def test_tiny_model_overfits_a_tiny_history_through_ray_train_on_s3(s3_uri):
+    overrides = ["train.imitators.darkroom.steps=150", "train.imitators.darkroom.lr=0.003",
+                 "train.imitators.darkroom.warmup_steps=10", "train.imitators.darkroom.report_every=75",
+                 "train.imitators.darkroom.checkpoint_every=150", "train.imitators.darkroom.sizes={tiny: {n_layer: 1, n_head: 2, n_embd: 64}}"]
+    preset = load_preset("smoke", overrides)
+    store = Store(s3_uri)
+    write_deterministic_histories(store, "exp", preset)
+    [result] = train(preset, store, "exp", log=lambda line: None)
+    assert result["step"] == 150 and result["loss"] < 0.05, result
+    assert result["val_loss"] < 0.1, result  # held-out teachers follow the same rule
+    spec = imitator_specs(preset)[0]
+    folder = spec.dir("exp")
+    assert store.exists(f"{folder}/_done.json")
+    assert any(name.startswith("checkpoint_") for name in store.list_names(folder))
+    assert b"imitator/loss" in tensorboard_tags(store, f"{folder}/tensorboard")
+    [again] = train(preset, store, "exp", log=lambda line: None)  # finished imitators are not retrained
+    assert again == result
+
+
+def test_rerun_resumes_an_interrupted_imitator_from_its_checkpoint(tmp_path, ray_address):
+    overrides = ["train.imitators.darkroom.steps=1500", "train.imitators.darkroom.checkpoint_every=100",
+                 "train.imitators.darkroom.report_every=100", "train.imitators.darkroom.val_fraction=0"]
+    preset = load_preset("smoke", overrides)
+    store = Store(str(tmp_path))
+    write_deterministic_histories(store, "exp", preset)
+    folder = tmp_path / imitator_specs(preset)[0].dir("exp")
+    command = [sys.executable, "-m", "pipeline", "train", "--preset", "smoke", "--store", str(tmp_path),
+               "--experiment", "exp", *[arg for o in overrides for arg in ("--set", o)]]
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "RAY_ADDRESS": ray_address},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (folder.exists() and any(p.name.startswith("checkpoint_") for p in folder.iterdir())):
+        assert process.poll() is None and time.time() < deadline, "training ended or stalled before its first checkpoint"
+        time.sleep(0.2)
+    time.sleep(1)  # a few more steps
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (folder / "_done.json").exists()
+    [result] = train(preset, store, "exp", log=lambda line: None)
+    assert result["resumed_from"] >= 100 and result["resumed_from"] % 100 == 0, result
+    assert result["step"] == result["optimizer_steps"] == 1500  # the optimizer state came back too
+
+
+def test_bad_input_names_what_is_at_fault(tmp_path):
+    preset = load_preset("smoke")
+    store = Store(str(tmp_path))
+    with pytest.raises(TrainError, match=r"darkroom-goal\S+ .* run collect first"):
+        train(preset, store, "exp", log=lambda line: None)
+    with pytest.raises(ConfigError, match=r"train.imitators.darkroom: training windows of 900 steps do not fit"):
+        load_preset("smoke", ["train.imitators.darkroom.context_steps=[900]"])
+
+    write_deterministic_histories(store, "exp", preset)
+    spec = imitator_specs(preset)[0]
+    [first, *_] = shard_paths(store, "exp", spec, spec.train_teachers)
+    table = pq.read_table(first)
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, VERSION_KEY: b"99"}), first)
+    with pytest.raises(HistoryError, match=rf"{os.path.basename(first)}.*schema version 99"):
+        train(preset, store, "exp", log=lambda line: None)
+    with open(first, "wb") as handle:
+        handle.write(b"not parquet")
+    with pytest.raises(HistoryError, match=rf"{os.path.basename(first)} is unreadable"):
+        train(preset, store, "exp", log=lambda line: None)
+    assert os.path.getsize(first) == len(b"not parquet")  # nothing was deleted or rewritten
