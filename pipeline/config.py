@@ -146,7 +146,8 @@ class Preset:
     description: str = ""
 
     def smoke(self) -> Preset:
-        """The same envs and algorithms, shrunk to a run of seconds (still whole training iterations)."""
+        """The same envs and algorithms, shrunk to a run of seconds (still whole training iterations;
+        imitators tiny, on one CPU worker)."""
         def budget(group: TeacherGroup) -> int:
             unit = algo_config(group.algo, group.algo_config).granularity
             return min(group.budget, unit * max(len(self.collect.cutoffs) + 1, SMOKE_BUDGET // unit))
@@ -170,7 +171,7 @@ class Preset:
                 sizes=dict(list(group.sizes.items())[:1]),
                 context_steps=[min(group.context_steps[0], SMOKE_CONTEXT)],
                 window_steps=None,
-                batch_size=min(group.batch_size, 8 * self.train.num_workers),
+                batch_size=min(group.batch_size, 8),
             )
             for name, group in self.train.imitators.items()
         }
@@ -183,7 +184,8 @@ class Preset:
                                heldout_seeds=group.heldout_seeds[:1])
                  for name, group in self.evaluate.imitators.items()}
         return replace(self, name=f"{self.name}-smoke", collect=replace(self.collect, teachers=groups),
-                       train=replace(self.train, imitators=imitators), evaluate=replace(self.evaluate, imitators=tests))
+                       train=replace(self.train, imitators=imitators, num_workers=1, use_gpu=False, cpus_per_worker=1),
+                       evaluate=replace(self.evaluate, imitators=tests))
 
 
 def cutoff_steps(budget: int, cutoffs: list[float], granularity: int) -> dict[int, float]:

@@ -29,7 +29,7 @@ from pipeline.collect import TeacherSpec, _load_checkpoint, teacher_specs
 from pipeline.config import ConfigError, Preset, cutoff_steps, imitator_cutoffs, task_id
 from pipeline.envs import make_env
 from pipeline.history import TeacherHistory
-from pipeline.metrics import ENV_STEPS, EPISODIC_LENGTH, EPISODIC_RETURN
+from pipeline.metrics import ENV_STEPS, EPISODIC_LENGTH, EPISODIC_RETURN, TRIAL_FINISHED
 from pipeline.runtime import ensure_ray
 from pipeline.schema import Transitions
 from pipeline.store import Store
@@ -55,7 +55,7 @@ class TrialSpec:
     env_id: str
     env_kwargs: dict[str, Any]
     task_id: str
-    seed: int  # the bootstrap unit: the teacher's seed (extrapolation) or the run on a held-out task
+    seed: int  # the bootstrap unit: the teacher's number in the group (extrapolation) or the run on a held-out task
     cutoff: float
     cutoff_step: int
     horizon: int
@@ -79,8 +79,8 @@ def trial_specs(preset: Preset) -> list[TrialSpec]:
         for cutoff in imitator_cutoffs(group, preset.collect):
             common = dict(group=name, cutoff=cutoff, cutoff_step=steps[cutoff], horizon=test.horizon, temperature=group.temperature)
             if cutoff < 1.0:
-                for teacher in members[:test.teachers]:
-                    trials += _extrapolation(teacher, [v for v in variants if v.cutoff == cutoff], test.contexts, common)
+                for number, teacher in enumerate(members[:test.teachers]):
+                    trials += _extrapolation(teacher, number, [v for v in variants if v.cutoff == cutoff], test.contexts, common)
             for index, (env_id, kwargs, task) in enumerate(_heldout(collected)[:test.heldout]):
                 for seed in test.heldout_seeds:
                     scratch = replace_teacher(members[0], env_id, kwargs, task, seed)
@@ -101,9 +101,9 @@ def _heldout(group) -> list[tuple[str, dict, str]]:
     return tasks + [(env_id, dict(group.env_kwargs), env_id.replace("/", "-")) for env_id in group.heldout_envs]
 
 
-def _extrapolation(teacher: TeacherSpec, variants, contexts: list[str], common: dict) -> list[TrialSpec]:
+def _extrapolation(teacher: TeacherSpec, number: int, variants, contexts: list[str], common: dict) -> list[TrialSpec]:
     base = dict(test="extrapolation", env_id=teacher.env_id, env_kwargs=teacher.env_kwargs, task_id=teacher.task_id,
-                seed=teacher.seed, teacher=asdict(teacher), **common)
+                seed=number, teacher=asdict(teacher), **common)
     prefix = f"x-{teacher.teacher_id}-c{common['cutoff']:g}"
     trials = [TrialSpec(trial_id=f"{prefix}-{arm}", arm=arm, **base) for arm in ("teacher", "snapshot", "random")]
     return trials + [TrialSpec(trial_id=f"{prefix}-{v.name}-{context}", arm="imitator", imitator=v.name, context=context, **base)
@@ -236,12 +236,9 @@ def run_trial(config: dict[str, Any]) -> None:
 
     torch.set_num_threads(1)
     trial = TrialSpec(**config["trial"])
-    reported = False
     for steps, episode_return, length in ARMS[trial.arm](trial, Store(config["store"]), config["experiment"]):
         tune.report({ENV_STEPS: steps, EPISODIC_RETURN: episode_return, EPISODIC_LENGTH: length})
-        reported = True
-    if not reported:
-        tune.report({ENV_STEPS: trial.horizon})  # no episode finished within the horizon
+    tune.report({ENV_STEPS: trial.horizon, TRIAL_FINISHED: True})
 
 
 # --- the stage ---
@@ -275,6 +272,7 @@ def evaluate(preset: Preset, store: Store, experiment: str, log: Callable[[str],
     _check_same_grid(store, experiment, trials)
     check_inputs(trials, store, experiment)
     ensure_ray()
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's compact status table instead of every trial's config
     fs, path = store.arrow_fs, store.full(f"{experiment}/{TUNE_DIR}")
     trainable = tune.with_resources(run_trial, {"cpu": 1})
     settings = preset.evaluate
@@ -289,7 +287,10 @@ def evaluate(preset: Preset, store: Store, experiment: str, log: Callable[[str],
             tune_config=tune.TuneConfig(max_concurrent_trials=settings.max_concurrent_trials or int(ray.cluster_resources().get("CPU", 1)),
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(name=TUNE_DIR, storage_path=store.full(experiment), storage_filesystem=fs,
-                                      failure_config=tune.FailureConfig(max_failures=settings.max_failures), verbose=1),
+                                      failure_config=tune.FailureConfig(max_failures=settings.max_failures), verbose=1,
+                                      progress_reporter=tune.CLIReporter(
+                                          metric_columns={ENV_STEPS: "env steps", EPISODIC_RETURN: "return"},
+                                          parameter_columns={}, max_progress_rows=12, max_report_frequency=30)),
         )
     results = tuner.fit()
     failed = [r for r in results if r.error]

@@ -28,6 +28,7 @@ import pandas as pd
 EPISODIC_RETURN = "charts/episodic_return"
 EPISODIC_LENGTH = "charts/episodic_length"
 ENV_STEPS = "charts/env_steps"  # env steps the arm has taken, from 0 at the cutoff
+TRIAL_FINISHED = "trial/finished"  # in a trial's last report only: the arm ran its whole horizon
 
 # Defaults.
 WINDOW = 10  # episodes in a W-episode mean

@@ -99,7 +99,7 @@ def test_atari_smoke_records_breakout_frames(tmp_path):
 def test_killed_rllib_teacher_actor_resumes_one_timeline(tmp_path):
     overrides = ["collect.teachers.darkroom.algo=dqn", "collect.teachers.darkroom.budget=2560",
                  "collect.teachers.darkroom.algo_config={learning_starts: 64}", "collect.teachers.darkroom.seeds=[0]",
-                 "collect.shard_steps=320", "collect.checkpoint_steps=320"]
+                 "collect.shard_steps=320", "collect.checkpoint_steps=320", "evaluate.imitators.darkroom.horizon=128"]
     preset = load_preset("smoke", overrides)
     specs = teacher_specs(preset)
     store = Store(str(tmp_path))

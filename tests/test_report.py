@@ -1,0 +1,285 @@
+"""The report stage on synthetic evaluation results whose verdicts are known by construction.
+
+CartPole-v1: the imitator plateaus at the return it saw last before the cutoff (L_c) while the
+continued teacher keeps improving (-> "does not"); at cutoff 0.25 one imitator trial failed
+(-> "missing: seeds [2]"). DarkRoom-v0: the imitator climbs well above the best it saw before the
+cutoff (-> "extrapolates"), and on held-out goals (positive control) it improves in context
+(-> "learns in context").
+
+(The imitators start from L_c, the mean of the teacher's last W pre-cutoff episodes, not from the
+frozen snapshot's level: on a teacher curve this steep the snapshot itself plays above B_c, because
+a W-episode mean lags a rising curve.)
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.image import imread
+
+from pipeline.metrics import (B_C, CEILING_EXCEEDANCE, COUNT, CUTOFF, DOES_NOT, ENV, EXTRAPOLATES, FINAL_IMITATOR,
+                              FINAL_TEACHER, FIRST_IMITATOR, L_C, MISSING_SEEDS, N_SEEDS, PER_SEED_METRICS, SEED,
+                              TRANSFER_AUC_RATIO, VERDICT, Curve, missing_status, per_seed_metrics, transfer_auc_ratio)
+from pipeline.report import (CONTEXT_STEPS, CUTOFF_STEP, GROUP, IN_CONTEXT_GAIN, LEARNS_IN_CONTEXT, MISSING_TRIALS,
+                             TEST, build_report, mean_band, on_grid)
+
+EPISODE = 20  # env steps per synthetic episode
+BUDGET = 2000  # teacher budget: 100 episodes
+HORIZON = 1000  # steps each arm runs after the cutoff: 50 episodes
+SEEDS = range(5)
+CARTPOLE, DARKROOM = ("CartPole-v1", "cartpole-dqn"), ("DarkRoom-v0", "darkroom-q")
+
+
+def ends(n: int) -> np.ndarray:
+    return EPISODE * np.arange(1, n + 1)
+
+
+def teacher_return(env: str, seed: int, step: np.ndarray) -> np.ndarray:
+    """The teachers' noiseless learning curves: CartPole 10 -> 500, DarkRoom 0 -> 10 over the budget."""
+    top = 490.0 if env == CARTPOLE[0] else 10.0
+    return (10.0 if env == CARTPOLE[0] else 0.0) + top * step / BUDGET + 0.02 * top * seed
+
+
+def seen_level(env: str, seed: int, cutoff: float) -> float:
+    """Noiseless L_c: the mean return of the teacher's last 10 episodes before the cutoff."""
+    return float(teacher_return(env, seed, cutoff * BUDGET - EPISODE * np.arange(10)).mean())
+
+
+class World:
+    """Expected trials, their episodes and the teachers' histories, built up row by row."""
+
+    def __init__(self):
+        self.rng = np.random.default_rng(0)
+        self.trials, self.episodes, self.histories = [], [], []
+
+    def noise(self, env: str, n: int) -> np.ndarray:
+        return self.rng.normal(0.0, 3.0 if env == CARTPOLE[0] else 0.2, n)
+
+    def trial(self, test, env, group, cutoff, seed, arm, returns, status="ok", size="", context="", context_steps=0,
+              task_id="default"):
+        trial_id = f"{test}/{env}/{cutoff}/{arm}/{context_steps}/{seed}"
+        self.trials.append(dict(trial_id=trial_id, test=test, env=env, group=group, cutoff=cutoff, seed=seed,
+                                task_id=task_id, arm=arm, context=context, context_steps=context_steps, size=size,
+                                horizon=HORIZON, status=status))
+        self.episodes += [dict(trial_id=trial_id, env_steps=step, episodic_return=r)
+                          for step, r in zip(ends(len(returns)), returns)]
+
+    def history(self, env, group, seed):
+        step = ends(BUDGET // EPISODE)
+        returns = teacher_return(env, seed, step) + self.noise(env, len(step))
+        self.histories += [dict(group=group, env=env, seed=seed, task_id="default", end_step=s, episodic_return=r,
+                                budget=BUDGET) for s, r in zip(step, returns)]
+
+    def extrapolation(self, env, group, cutoff, imitator_lift, contexts=(200,), failed_seed=None):
+        """Arms after the cutoff: the teacher keeps its slope, the snapshot stays at the policy's level,
+        and the imitator moves linearly from L_c to L_c + `imitator_lift`."""
+        t = ends(HORIZON // EPISODE)
+        for seed in SEEDS:
+            level = teacher_return(env, seed, np.array(cutoff * BUDGET))
+            self.trial("extrapolation", env, group, cutoff, seed, "teacher",
+                       teacher_return(env, seed, cutoff * BUDGET + t) + self.noise(env, len(t)))
+            self.trial("extrapolation", env, group, cutoff, seed, "snapshot", level + self.noise(env, len(t)))
+            self.trial("extrapolation", env, group, cutoff, seed, "random", 0.04 * level + self.noise(env, len(t)))
+            for context_steps in contexts:
+                status = "failed" if seed == failed_seed else "ok"
+                returns = seen_level(env, seed, cutoff) + imitator_lift * t / HORIZON + self.noise(env, len(t))
+                returns = returns if status == "ok" else returns[:5]  # a failed trial's few episodes must not count
+                self.trial("extrapolation", env, group, cutoff, seed, "imitator", returns, status=status, size="small",
+                           context="primed", context_steps=context_steps)
+
+    def control(self, env, group):
+        """Held-out goals: the imitator climbs 1 -> 9 in context, the scratch teacher 0 -> 4."""
+        t = ends(HORIZON // EPISODE)
+        for task in SEEDS:
+            options = dict(task_id=f"goal-{task}")
+            self.trial("control", env, group, 1.0, task, "imitator", 1 + 8 * t / HORIZON + self.noise(env, len(t)),
+                       size="small", context="empty", context_steps=400, **options)
+            self.trial("control", env, group, 1.0, task, "teacher", 4 * t / HORIZON + self.noise(env, len(t)),
+                       **options)
+            self.trial("control", env, group, 1.0, task, "random", 0.5 + self.noise(env, len(t)), **options)
+
+    def frames(self):
+        return pd.DataFrame(self.trials), pd.DataFrame(self.episodes), pd.DataFrame(self.histories)
+
+
+def make_world() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    world = World()
+    for seed in SEEDS:
+        world.history(*CARTPOLE, seed)
+        world.history(*DARKROOM, seed)
+    world.extrapolation(*CARTPOLE, 0.5, imitator_lift=-5.0, contexts=(200, 400))  # plateaus at L_c
+    world.extrapolation(*CARTPOLE, 0.25, imitator_lift=0.0, failed_seed=2)
+    world.extrapolation(*DARKROOM, 0.5, imitator_lift=5.0)  # climbs 5 above the level it was cut at
+    world.control(*DARKROOM)
+    return world.frames()
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world()
+
+
+@pytest.fixture(scope="module")
+def report(world, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("report")
+    return build_report(*world, str(out_dir), n_resamples=2000)
+
+
+def table_after(markdown: str, heading: str) -> list[dict[str, str]]:
+    """The rows of the first table under `## heading`, as {column: cell}."""
+    section = markdown.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def summary_row(report, test: str, env: str, cutoff: float, context_steps: int | None = None) -> pd.Series:
+    table = report.table
+    rows = table[(table[TEST] == test) & (table[ENV] == env) & (table[CUTOFF] == cutoff)]
+    if context_steps is not None:
+        rows = rows[rows[CONTEXT_STEPS] == context_steps]
+    assert len(rows) == 1, rows
+    return rows.iloc[0]
+
+
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def episodes_curve(episodes: pd.DataFrame, trial_id: str) -> Curve:
+    rows = episodes[episodes.trial_id == trial_id]
+    return Curve(rows.env_steps.to_numpy(), rows.episodic_return.to_numpy())
+
+
+# --- report.md -----------------------------------------------------------------------------------
+
+
+def test_report_md_has_the_expected_verdict_per_env(report):
+    markdown = read(report.path_md)
+    rows = table_after(markdown, "Extrapolation test")
+    verdicts = {(r["env"], r["cutoff"], r["variant"]): r["verdict"].strip("*") for r in rows}
+    assert verdicts == {
+        ("CartPole-v1", "0.25", "small, 200 steps primed"): missing_status([2]),
+        ("CartPole-v1", "0.5", "small, 200 steps primed"): DOES_NOT,
+        ("CartPole-v1", "0.5", "small, 400 steps primed"): DOES_NOT,
+        ("DarkRoom-v0", "0.5", "small, 200 steps primed"): EXTRAPOLATES,
+    }
+    control = table_after(markdown, "Positive control")
+    assert [(r["env"], r["verdict"].strip("*")) for r in control] == [("DarkRoom-v0", LEARNS_IN_CONTEXT)]
+    assert "No transfer trials in this run." in markdown
+    assert "## How to read this" in markdown
+
+
+def test_failed_trial_is_missing_not_averaged_over_fewer_seeds(report):
+    row = summary_row(report, "extrapolation", "CartPole-v1", 0.25)
+    assert row[VERDICT] == missing_status([2]) and list(row[MISSING_SEEDS]) == [2]
+    assert row[MISSING_TRIALS] == "imitator failed: seeds [2]"
+    assert row[N_SEEDS] == 5 and row[FINAL_IMITATOR + COUNT] == 4  # the failed trial's 5 episodes are not used
+    markdown_row = next(r for r in table_after(read(report.path_md), "Extrapolation test") if r["cutoff"] == "0.25")
+    assert markdown_row["complete seeds"] == "4/5"
+    assert markdown_row["missing trials"] == "imitator failed: seeds [2]"
+    assert "(4/5 seeds)" in markdown_row["imitator final"] and "(4/5 seeds)" in markdown_row["extrapolation ratio"]
+    assert "missing: seeds [2]" in report.paragraph
+
+
+def test_summary_paragraph_mentions_every_env_and_verdict(report):
+    paragraph = report.paragraph
+    assert "CartPole-v1 (cartpole-dqn) cutoff 0.5, 2 imitator variants (does not extrapolate: 2)" in paragraph
+    assert "DarkRoom-v0 (darkroom-q) cutoff 0.5: extrapolates (imitator final" in paragraph
+    assert "Positive control on DarkRoom-v0 held-out tasks (darkroom-q): learns in context" in paragraph
+    assert "\n" not in paragraph and paragraph in read(report.path_md)
+
+
+# --- metrics.parquet / summary.parquet -----------------------------------------------------------
+
+
+def test_metrics_parquet_round_trips_and_matches_metrics_functions(report, world):
+    trials, episodes, histories = world
+    per_seed = pd.read_parquet(report.path_metrics)
+    assert {TEST, ENV, GROUP, CUTOFF, SEED, CUTOFF_STEP, IN_CONTEXT_GAIN, *PER_SEED_METRICS} <= set(per_seed.columns)
+    assert len(per_seed) == 5 * (2 + 1 + 1 + 1)  # seeds x (CartPole 0.5: 2 variants, 0.25, DarkRoom, control)
+
+    row = per_seed[(per_seed[ENV] == "CartPole-v1") & (per_seed[CUTOFF] == 0.5) & (per_seed[CONTEXT_STEPS] == 400)
+                   & (per_seed[SEED] == 3)].iloc[0]
+    assert row[CUTOFF_STEP] == 1000
+    teacher_rows = histories[(histories.env == "CartPole-v1") & (histories.seed == 3)]
+    history = Curve(teacher_rows.end_step.to_numpy(), teacher_rows.episodic_return.to_numpy())
+    arm = {a: episodes_curve(episodes, f"extrapolation/CartPole-v1/0.5/{a}/{400 if a == 'imitator' else 0}/3")
+           for a in ("teacher", "imitator", "snapshot", "random")}
+    expected = per_seed_metrics(history, arm["teacher"], arm["imitator"], arm["snapshot"], cutoff_step=1000,
+                                horizon_steps=HORIZON, random=arm["random"])
+    for metric, value in expected.items():
+        assert row[metric] == pytest.approx(value), metric
+
+    control = per_seed[(per_seed[TEST] == "control") & (per_seed[SEED] == 1)].iloc[0]
+    imitator = episodes_curve(episodes, "control/DarkRoom-v0/1.0/imitator/400/1")
+    scratch = episodes_curve(episodes, "control/DarkRoom-v0/1.0/teacher/0/1")
+    assert control[TRANSFER_AUC_RATIO] == pytest.approx(transfer_auc_ratio(imitator, scratch, HORIZON))
+    assert control[TRANSFER_AUC_RATIO] > 1.5  # the imitator's 1 -> 9 against the teacher's 0 -> 4
+    assert np.isnan(control[L_C]) and pd.isna(control[CUTOFF_STEP])
+
+
+def test_summary_parquet_agrees_with_the_per_seed_rows(report):
+    summary = pd.read_parquet(report.path_summary)
+    assert len(summary) == len(report.table) == 5
+    per_seed = pd.read_parquet(report.path_metrics)
+    darkroom = per_seed[(per_seed[TEST] == "extrapolation") & (per_seed[ENV] == "DarkRoom-v0")]
+    row = summary_row(report, "extrapolation", "DarkRoom-v0", 0.5)
+    assert row[FINAL_IMITATOR] == pytest.approx(darkroom[FINAL_IMITATOR].mean())
+    assert row[CEILING_EXCEEDANCE + "_low"] > 0  # the reason for "extrapolates"
+    cartpole = summary_row(report, "extrapolation", "CartPole-v1", 0.5, context_steps=200)
+    assert cartpole[FINAL_IMITATOR + "_high"] < cartpole[FINAL_TEACHER + "_low"]
+    assert cartpole[FINAL_IMITATOR] < cartpole[B_C]
+    control = summary_row(report, "control", "DarkRoom-v0", 1.0)
+    assert control[IN_CONTEXT_GAIN + "_low"] > 0 and control[FINAL_IMITATOR] > control[FIRST_IMITATOR]
+    assert list(summary[VERDICT]) == list(report.table[VERDICT])
+
+
+# --- figures -------------------------------------------------------------------------------------
+
+
+def test_figures_are_readable_non_blank_pngs(report):
+    names = sorted(path.rsplit("/", 1)[1] for path in report.figures)
+    assert names == ["context_CartPole-v1_cartpole-dqn_cutoff0.5.png", "control_DarkRoom-v0_darkroom-q_cutoff1.png",
+                     "curves_CartPole-v1_cartpole-dqn_cutoff0.25.png", "curves_CartPole-v1_cartpole-dqn_cutoff0.5.png",
+                     "curves_DarkRoom-v0_darkroom-q_cutoff0.5.png"]
+    markdown = read(report.path_md)
+    for path in report.figures:
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        pixels = imread(path)
+        height, width = pixels.shape[:2]
+        assert height >= 500 and width >= 800, (path, pixels.shape)  # 8x5 in at 120 dpi: 960x600
+        assert pixels[..., :3].std() > 0.05, path
+        assert f"]({path.rsplit('/', 1)[1]})" in markdown
+
+
+# --- pieces --------------------------------------------------------------------------------------
+
+
+def test_on_grid_carries_the_last_rolling_return_forward():
+    curve = Curve(np.array([10, 20, 30]), np.array([2.0, 4.0, 9.0]))
+    values = on_grid(curve, np.array([0, 9, 10, 25, 30, 100]), window=2)
+    np.testing.assert_array_equal(values, [np.nan, np.nan, 2.0, 3.0, 6.5, 6.5])
+    assert np.isnan(on_grid(None, np.arange(3), 2)).all()
+
+
+def test_mean_band_contains_the_mean_and_collapses_for_identical_seeds():
+    values = np.array([[1.0, 2.0, np.nan], [3.0, 6.0, 5.0], [2.0, 4.0, 7.0]])
+    mean, low, high = mean_band(values)
+    np.testing.assert_allclose(mean, [2.0, 4.0, 6.0])
+    assert np.all(low <= mean) and np.all(mean <= high) and np.all(high - low > 0)
+    _, low, high = mean_band(np.tile([[1.0, 5.0]], (4, 1)))
+    np.testing.assert_allclose(low, high)
+    _, low, _ = mean_band(np.array([[1.0, 2.0]]))  # one seed: no band
+    assert np.isnan(low).all()
+
+
+def test_bad_inputs_are_refused_with_the_column_named(world, tmp_path):
+    trials, episodes, histories = world
+    with pytest.raises(ValueError, match="horizon"):
+        build_report(trials.drop(columns="horizon"), episodes, histories, str(tmp_path))
+    with pytest.raises(ValueError, match="crashed"):
+        build_report(trials.assign(status="crashed"), episodes, histories, str(tmp_path))
+    with pytest.raises(ValueError, match="more than one trial"):
+        build_report(pd.concat([trials, trials.iloc[:1].assign(trial_id="again")]), episodes, histories, str(tmp_path))
