@@ -23,6 +23,9 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/collect_throughput.py --set "collect.teachers.darkroom.seeds=[0,1,2,3]"
+	$(BIN)/python bench/rllib_teacher.py
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/rollout_cache.py
 
 lock: $(VENV)/.installed  # after changing dependencies: pin what they resolved to
 	{ head -n 2 constraints.txt; $(BIN)/pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/'; } > constraints.new

@@ -285,12 +285,14 @@ def evaluate(preset: Preset, store: Store, experiment: str, log: Callable[[str],
             trainable,
             param_space={"trial": tune.grid_search([asdict(t) for t in trials]), "store": store.uri, "experiment": experiment},
             tune_config=tune.TuneConfig(max_concurrent_trials=settings.max_concurrent_trials or int(ray.cluster_resources().get("CPU", 1)),
-                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+                                        reuse_actors=True),  # most trials run for seconds: an actor start per trial would dominate
             run_config=tune.RunConfig(name=TUNE_DIR, storage_path=store.full(experiment), storage_filesystem=fs,
                                       failure_config=tune.FailureConfig(max_failures=settings.max_failures), verbose=1,
                                       progress_reporter=tune.CLIReporter(
                                           metric_columns={ENV_STEPS: "env steps", EPISODIC_RETURN: "return"},
-                                          parameter_columns={}, max_progress_rows=12, max_report_frequency=30)),
+                                          parameter_columns={"trial/arm": "arm"}, max_progress_rows=12,
+                                          max_report_frequency=30)),
         )
     results = tuner.fit()
     failed = [r for r in results if r.error]

@@ -130,10 +130,10 @@ def test_rerun_resumes_an_interrupted_imitator_from_its_checkpoint(tmp_path, ray
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "RAY_ADDRESS": ray_address},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while not (folder.exists() and any(p.name.startswith("checkpoint_") for p in folder.iterdir())):
+    registered = folder / "checkpoint_manager_snapshot.json"  # where Ray Train records the checkpoints it kept
+    while not (registered.exists() and "checkpoint_" in registered.read_text()):
         assert process.poll() is None and time.time() < deadline, "training ended or stalled before its first checkpoint"
         time.sleep(0.2)
-    time.sleep(1)  # a few more steps
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (folder / "_done.json").exists()
