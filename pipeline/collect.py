@@ -122,7 +122,7 @@ def _run(teacher: Teacher, spec: TeacherSpec, history: TeacherHistory, manifest:
          checkpoint_steps: int | None, progress: Any) -> TeacherResult:
     store, experiment = history.store, history.experiment
     if manifest.checkpoints:
-        _load_checkpoint(teacher, store, f"{experiment}/{manifest.checkpoints[-1].path}")
+        load_checkpoint(teacher, store, f"{experiment}/{manifest.checkpoints[-1].path}")
     if teacher.step != manifest.next_step:
         raise HistoryError(f"{spec.teacher_id}: checkpoint is at step {teacher.step}, the history ends at {manifest.next_step}")
     start_step = teacher.step
@@ -156,7 +156,8 @@ def _save_checkpoint(teacher: Teacher, store: Store, path: str) -> None:
         store.upload_dir(local, path)
 
 
-def _load_checkpoint(teacher: Teacher, store: Store, path: str) -> None:
+def load_checkpoint(teacher: Teacher, store: Store, path: str) -> None:
+    """Restore `teacher` from a checkpoint folder in the store (also used by the evaluation arms)."""
     with tempfile.TemporaryDirectory() as local:
         store.download_dir(path, local)
         teacher.restore(local)

@@ -25,16 +25,17 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from pipeline.collect import TeacherSpec, _load_checkpoint, teacher_specs
+from pipeline.collect import TeacherSpec, load_checkpoint, teacher_specs
 from pipeline.config import ConfigError, Preset, cutoff_steps, imitator_cutoffs, task_id
 from pipeline.envs import make_env
 from pipeline.history import TeacherHistory
 from pipeline.metrics import ENV_STEPS, EPISODIC_LENGTH, EPISODIC_RETURN, TRIAL_FINISHED
 from pipeline.runtime import ensure_ray
-from pipeline.schema import Transitions
+from pipeline.rollout import ImitatorPolicy
+from pipeline.schema import Transitions, check_schema
 from pipeline.store import Store
 from pipeline.teachers import algo_config, make_teacher
-from pipeline.train import DONE_FILE, imitator_specs
+from pipeline.train import DONE_FILE, imitator_specs, imitators_dir, load_imitator
 
 TUNE_DIR = "tune"
 GRID_FILE = "_grid.json"  # the trials of this experiment; a rerun with another grid is refused
@@ -142,7 +143,7 @@ def _teacher_of(trial: TrialSpec):
 def _restored_teacher(trial: TrialSpec, store: Store, experiment: str):
     teacher, spec = _teacher_of(trial)
     history = TeacherHistory(store, experiment, spec.env_id, spec.teacher_id)
-    _load_checkpoint(teacher, store, history.checkpoint_path(trial.cutoff_step))
+    load_checkpoint(teacher, store, history.checkpoint_path(trial.cutoff_step))
     return teacher
 
 
@@ -192,8 +193,6 @@ def random_arm(trial: TrialSpec, store: Store, experiment: str) -> Iterator[Epis
 
 
 def load_trial_imitator(trial: TrialSpec, store: Store, experiment: str):
-    from pipeline.train import imitators_dir, load_imitator
-
     folder = f"{imitators_dir(experiment, trial.cutoff)}/{trial.imitator}"
     done = json.loads(store.read_bytes(f"{folder}/{DONE_FILE}"))
     checkpoint = os.path.basename(done["checkpoint"].rstrip("/"))
@@ -203,8 +202,6 @@ def load_trial_imitator(trial: TrialSpec, store: Store, experiment: str):
 
 
 def imitator_arm(trial: TrialSpec, store: Store, experiment: str) -> Iterator[Episode]:
-    from pipeline.rollout import ImitatorPolicy
-
     model = load_trial_imitator(trial, store, experiment)
     policy = ImitatorPolicy(model, batch_size=1, temperature=trial.temperature, seed=trial.seed)
     if trial.context == "primed":
@@ -219,8 +216,6 @@ def _pre_cutoff_steps(trial: TrialSpec, store: Store, experiment: str, count: in
     manifest = history.read_manifest()
     manifest.shards = [s for s in manifest.shards if s.last_step >= trial.cutoff_step - count and s.first_step < trial.cutoff_step]
     table = history.read(manifest)
-    from pipeline.schema import check_schema
-
     batch = Transitions.from_table(table, check_schema(table.schema, history.dir))
     keep = (batch.step >= trial.cutoff_step - count) & (batch.step < trial.cutoff_step)
     return batch.obs[keep], batch.action[keep], batch.reward[keep], batch.episode_step[keep] == 0
@@ -248,7 +243,7 @@ def check_inputs(trials: list[TrialSpec], store: Store, experiment: str) -> None
     """Every imitator finished training and every teacher checkpoint exists, before Tune starts."""
     for trial in trials:
         if trial.arm == "imitator":
-            folder = f"{experiment}/imitators/cutoff={trial.cutoff:g}/{trial.imitator}"
+            folder = f"{imitators_dir(experiment, trial.cutoff)}/{trial.imitator}"
             if not store.exists(f"{folder}/{DONE_FILE}"):
                 raise EvaluateError(f"imitator {trial.imitator} at cutoff {trial.cutoff:g} has not finished training "
                                     f"({store.url(folder)}): run train first")
