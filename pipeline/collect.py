@@ -166,7 +166,7 @@ def load_checkpoint(teacher: Teacher, store: Store, path: str) -> None:
 # --- the fleet ---
 
 
-@ray.remote(num_cpus=1, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
+@ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)  # resources: collect.actor
 class TeacherActor:
     """Runs teachers one after another; Ray restarts it (and retries the teacher) if it dies."""
 
@@ -243,11 +243,13 @@ def collect(preset: Preset, store: Store, experiment: str, log: Callable[[str], 
 
 def _run_fleet(todo: list[TeacherSpec], store: Store, experiment: str, config: CollectConfig,
                meter: _ProgressMeter, log: Callable[[str], None]) -> list[TeacherResult]:
-    n_actors = min(config.num_actors or max(1, int(ray.cluster_resources().get("CPU", 1))), len(todo))
+    fits = int(ray.cluster_resources().get("CPU", 1) // config.actor.cpus)
+    n_actors = min(config.num_actors or max(1, fits), len(todo))
     log(f"collect: {n_actors} teacher actors")
     progress = Progress.remote()
+    new_actor = lambda: TeacherActor.options(**config.actor.ray_options()).remote()  # noqa: E731
     # Two teachers in flight per actor, so an actor never waits for the driver between teachers.
-    free = [TeacherActor.remote() for _ in range(n_actors)] * 2
+    free = [new_actor() for _ in range(n_actors)] * 2
     replacements = {}  # a dead actor -> the one that takes its place
     queue, running = deque(todo), {}
     results, failures = [], {}
@@ -266,7 +268,7 @@ def _run_fleet(todo: list[TeacherSpec], store: Store, experiment: str, config: C
                 failures[spec.teacher_id] = str(getattr(error, "cause", None) or error)
             except ray.exceptions.RayActorError as error:
                 failures[spec.teacher_id] = f"its actor died {ACTOR_RESTARTS + 1} times ({error})"
-                actor = replacements.setdefault(actor, TeacherActor.remote())
+                actor = replacements.setdefault(actor, new_actor())
             free.append(actor)
         meter.maybe_log(lambda: ray.get(progress.snapshot.remote()))
     for actor in set(free):

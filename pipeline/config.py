@@ -9,6 +9,7 @@ algorithm that cannot run on the env) raises ConfigError naming the key, before 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import field, replace
 from pathlib import Path
@@ -22,7 +23,8 @@ from pydantic.dataclasses import dataclass
 from pipeline.envs import make_env
 from pipeline.teachers import ALGORITHMS, algo_config
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "jobs" / "presets"
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "jobs" / "presets"  # in a checkout
+PRESETS_ENV = "CUTOFF_PRESETS_DIR"  # where an installed package (the Docker image) finds them
 SMOKE_BUDGET = 400  # env steps per teacher under --smoke
 SMOKE_TRAIN_STEPS = 10  # optimizer steps per imitator under --smoke
 SMOKE_CONTEXT = 32  # context steps of the smoke imitators
@@ -51,6 +53,28 @@ class TeacherGroup:
 
 
 @dataclass(config=_STRICT)
+class Resources:
+    """What one teacher actor or evaluation trial asks Ray for. On a cluster this is what places
+    it: no GPUs asked, no GPU needed; memory reserved (Ray's `memory` resource) keeps a node from
+    taking more replay buffers than it holds; custom resources name node types of a cluster file."""
+
+    cpus: float = Field(1, gt=0)
+    gpus: float = Field(0, ge=0)
+    memory_gb: float = Field(0, ge=0)  # 0: none reserved
+    custom: dict[str, float] = field(default_factory=dict)  # e.g. {"cpu_node": 1}, declared by the cluster's nodes
+
+    def ray_options(self) -> dict[str, Any]:
+        """Keyword arguments of Ray's .options() for an actor or task."""
+        return {"num_cpus": self.cpus, "num_gpus": self.gpus, "memory": int(self.memory_gb * 2**30) or None,
+                "resources": dict(self.custom) or None}
+
+    def tune_resources(self) -> dict[str, float]:
+        """The resource dict tune.with_resources takes for a trial."""
+        return {"cpu": self.cpus, "gpu": self.gpus, **({"memory": self.memory_gb * 2**30} if self.memory_gb else {}),
+                **self.custom}
+
+
+@dataclass(config=_STRICT)
 class CollectConfig:
     teachers: dict[str, TeacherGroup]  # group name -> group; the name prefixes its teacher ids
     cutoffs: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # fractions of each budget
@@ -58,7 +82,8 @@ class CollectConfig:
     # Commit shards with a resume checkpoint every this many steps (None: only at the end); a
     # crashed teacher redoes at most this many. Cutoff checkpoints are saved whatever this is.
     checkpoint_steps: int | None = Field(None, gt=0)
-    num_actors: int | None = Field(None, gt=0)  # teacher actors; None: one per CPU of the Ray cluster
+    num_actors: int | None = Field(None, gt=0)  # teacher actors; None: as many as the cluster's CPUs fit
+    actor: Resources = field(default_factory=Resources)  # what each teacher actor asks Ray for
 
 
 @dataclass(config=_STRICT)
@@ -106,10 +131,9 @@ class ImitatorGroup:
 class TrainConfig:
     imitators: dict[str, ImitatorGroup] = field(default_factory=dict)
     num_workers: int = Field(1, gt=0)  # Ray Train workers per imitator (data parallel)
-    use_gpu: bool = False  # one GPU per worker (on a cluster); the device is chosen at run time
+    use_gpu: bool | Literal["auto"] = False  # one GPU per worker; auto: if the cluster has GPUs when train starts
     cpus_per_worker: int = Field(1, gt=0)
     max_failures: int = Field(3, ge=0)  # worker failures an imitator's training survives
-    concurrent: int | None = Field(None, gt=0)  # imitators trained at once; None: as CPUs (or GPUs) allow
 
 
 ARMS = ("imitator", "teacher", "snapshot", "random")
@@ -132,7 +156,9 @@ class EvaluateGroup:
 @dataclass(config=_STRICT)
 class EvaluateConfig:
     imitators: dict[str, EvaluateGroup] = field(default_factory=dict)  # keyed by train.imitators group
-    max_concurrent_trials: int | None = Field(None, gt=0)  # None: one per CPU of the Ray cluster
+    max_concurrent_trials: int | None = Field(None, gt=0)  # None: as many as the cluster's CPUs fit
+    # What each trial asks Ray for, per arm (imitator, teacher, snapshot, random); unlisted arms: 1 CPU.
+    trial_resources: dict[Literal["imitator", "teacher", "snapshot", "random"], Resources] = field(default_factory=dict)
     max_failures: int = Field(2, ge=0)  # retries of a failed trial
     window: int = Field(10, gt=0)  # W: episodes averaged by the metrics
 
@@ -183,9 +209,10 @@ class Preset:
         tests = {name: replace(group, horizon=horizon(name, group), teachers=1, heldout=min(group.heldout or 1, 1),
                                heldout_seeds=group.heldout_seeds[:1])
                  for name, group in self.evaluate.imitators.items()}
-        return replace(self, name=f"{self.name}-smoke", collect=replace(self.collect, teachers=groups),
+        # A smoke run fits on any machine: one CPU per actor, worker and trial, no GPU, no reservations.
+        return replace(self, name=f"{self.name}-smoke", collect=replace(self.collect, teachers=groups, actor=Resources()),
                        train=replace(self.train, imitators=imitators, num_workers=1, use_gpu=False, cpus_per_worker=1),
-                       evaluate=replace(self.evaluate, imitators=tests))
+                       evaluate=replace(self.evaluate, imitators=tests, trial_resources={}))
 
 
 def cutoff_steps(budget: int, cutoffs: list[float], granularity: int) -> dict[int, float]:
@@ -215,11 +242,19 @@ def resolve_preset(name_or_path: str) -> Path:
         if not path.is_file():
             raise ConfigError(f"preset file {path} does not exist")
         return path
-    candidate = PRESETS_DIR / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown preset {name_or_path!r}; known presets: {', '.join(known)}")
-    return candidate
+    folders = preset_dirs()
+    for folder in folders:
+        if (folder / f"{name_or_path}.yaml").is_file():
+            return folder / f"{name_or_path}.yaml"
+    known = sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
+    raise ConfigError(f"unknown preset {name_or_path!r} (looked in {', '.join(map(str, folders))}); "
+                      f"known presets: {', '.join(known) or 'none'}")
+
+
+def preset_dirs() -> list[Path]:
+    """Where preset names are looked up: $CUTOFF_PRESETS_DIR, ./jobs/presets, then the checkout's."""
+    folders = [Path(os.environ[PRESETS_ENV])] if os.environ.get(PRESETS_ENV) else []
+    return list(dict.fromkeys([*folders, Path.cwd() / "jobs" / "presets", PRESETS_DIR]))
 
 
 def load_preset(name_or_path: str, overrides: list[str] = (), smoke: bool = False) -> Preset:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from pipeline.collect import TeacherSpec, load_checkpoint, teacher_specs
-from pipeline.config import ConfigError, Preset, cutoff_steps, imitator_cutoffs, task_id
+from pipeline.config import ConfigError, Preset, Resources, cutoff_steps, imitator_cutoffs, task_id
 from pipeline.envs import make_env
 from pipeline.history import TeacherHistory
 from pipeline.metrics import ENV_STEPS, EPISODIC_LENGTH, EPISODIC_RETURN, TRIAL_FINISHED
@@ -269,8 +269,9 @@ def evaluate(preset: Preset, store: Store, experiment: str, log: Callable[[str],
     ensure_ray()
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's compact status table instead of every trial's config
     fs, path = store.arrow_fs, store.full(f"{experiment}/{TUNE_DIR}")
-    trainable = tune.with_resources(run_trial, {"cpu": 1})
     settings = preset.evaluate
+    resources = {arm: settings.trial_resources.get(arm, Resources()).tune_resources() for arm in ARMS}
+    trainable = tune.with_resources(run_trial, lambda config: resources[config["trial"]["arm"]])
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         log(f"evaluate: resuming {store.url(f'{experiment}/{TUNE_DIR}')}: only missing or failed trials run")
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
@@ -278,8 +279,9 @@ def evaluate(preset: Preset, store: Store, experiment: str, log: Callable[[str],
         log(f"evaluate: {len(trials)} trials into {store.url(f'{experiment}/{TUNE_DIR}')}")
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search([asdict(t) for t in trials]), "store": store.uri, "experiment": experiment},
-            tune_config=tune.TuneConfig(max_concurrent_trials=settings.max_concurrent_trials or int(ray.cluster_resources().get("CPU", 1)),
+            param_space={"trial": tune.grid_search([asdict(t) for t in longest_first(trials)]), "store": store.uri,
+                         "experiment": experiment},
+            tune_config=tune.TuneConfig(max_concurrent_trials=settings.max_concurrent_trials or _trials_that_fit(resources),
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
                                         reuse_actors=True),  # most trials run for seconds: an actor start per trial would dominate
             run_config=tune.RunConfig(name=TUNE_DIR, storage_path=store.full(experiment), storage_filesystem=fs,
@@ -293,6 +295,22 @@ def evaluate(preset: Preset, store: Store, experiment: str, log: Callable[[str],
     failed = [r for r in results if r.error]
     log(f"evaluate: {len(results) - len(failed)}/{len(trials)} trials finished" + (f", {len(failed)} failed" if failed else ""))
     return results
+
+
+ARM_COST = {"teacher": 4, "imitator": 2, "snapshot": 1, "random": 0}  # rough relative cost per env step
+
+
+def longest_first(trials: list[TrialSpec]) -> list[TrialSpec]:
+    """The grid in the order Tune should start it: long trials first, so that the last ones to
+    finish are short (with the long ones last, the run ends waiting on them with idle CPUs)."""
+    return sorted(trials, key=lambda t: -t.horizon * (1 + ARM_COST[t.arm]))
+
+
+def _trials_that_fit(resources: dict[str, dict[str, float]]) -> int:
+    """Trials the cluster's CPUs hold at once, counting each as the smallest arm's CPUs."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // min(r["cpu"] for r in resources.values())))
 
 
 def _trial_name(trial) -> str:

@@ -774,15 +774,20 @@ def history_rows(store, experiment: str, trial) -> list[dict]:
 
 
 def report(preset, store, experiment: str, log=print) -> ReportSummary | None:
-    """Write {experiment}/report/ from the evaluation's trial results; prints the verdict paragraph."""
+    """Write {experiment}/report/ from the evaluation's trial results, compared with the preset's other
+    reruns in the store (pipeline.compare); prints the verdict paragraph."""
+    from pipeline.compare import across_reruns  # compare builds on this module's tables
+
     trials, episodes, histories = gather(preset, store, experiment)
     if trials.empty:
         log("report: the preset lists no evaluation tests (evaluate.imitators): nothing to report")
         return None
     with tempfile.TemporaryDirectory() as local:
         summary = build_report(trials, episodes, histories, local, window=preset.evaluate.window)
+        reruns = across_reruns(store, preset, experiment, summary.table, local)
         store.upload_dir(local, f"{experiment}/report")
     where = store.url(f"{experiment}/report/{REPORT_FILE}")
     log(f"report: {where}")
+    log(f"report: {reruns.line}")
     log(summary.paragraph)
     return replace(summary, path_md=where)

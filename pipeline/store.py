@@ -37,6 +37,8 @@ class Store:
             self.fs, self.root = fsspec.core.url_to_fs(self.uri, **_OPTIONS_BY_PROTOCOL.get(protocol, {}))
         except (ImportError, ValueError) as error:
             raise StoreError(f"store {self.uri!r}: unsupported URI ({error})") from error
+        if self.is_local:  # absolute, so that processes with another working directory (Tune trials) find it
+            self.uri = self.root
 
     def __reduce__(self):
         return Store, (self.uri,)

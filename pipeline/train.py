@@ -355,7 +355,7 @@ def fit_imitator(preset: Preset, store: Store, experiment: str, spec: ImitatorSp
         train_loop,
         train_loop_config={"hparams": spec.hparams, "model_args": spec.model_args, "has_val": bool(spec.val_teachers),
                            "store": store, "tensorboard_path": f"{spec.dir(experiment)}/tensorboard"},
-        scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+        scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=use_gpu(settings.use_gpu),
                                      resources_per_worker={"CPU": settings.cpus_per_worker}),
         run_config=RunConfig(name=spec.name, storage_path=store.full(imitators_dir(experiment, spec.cutoff)),
                              storage_filesystem=store.arrow_fs, failure_config=FailureConfig(max_failures=settings.max_failures),
@@ -367,6 +367,11 @@ def fit_imitator(preset: Preset, store: Store, experiment: str, spec: ImitatorSp
     final = {**result.metrics, "imitator": spec.name, "cutoff": spec.cutoff, "checkpoint": result.checkpoint.path}
     store.write_bytes(f"{spec.dir(experiment)}/{DONE_FILE}", json.dumps(final, indent=1).encode())
     return final
+
+
+def use_gpu(setting: bool | str) -> bool:
+    """train.use_gpu: true, false, or auto (GPU workers if the cluster has a GPU now)."""
+    return ray.cluster_resources().get("GPU", 0) >= 1 if setting == "auto" else bool(setting)
 
 
 def _stored(store: Store, path: str) -> bytes | None:

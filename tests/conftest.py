@@ -44,3 +44,20 @@ def ray_address(s3_endpoint):
     context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield context.address_info["gcs_address"]
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, ray_address):
+    """The smoke preset collected and trained once per session, in a local store: (store root,
+    preset). Tests copy its "exp" folder before writing to it."""
+    from pipeline.collect import collect
+    from pipeline.config import load_preset
+    from pipeline.store import Store
+    from pipeline.train import train
+
+    root = tmp_path_factory.mktemp("trained")
+    preset = load_preset("smoke")
+    store = Store(str(root))
+    collect(preset, store, "exp", log=lambda line: None)
+    train(preset, store, "exp", log=lambda line: None)
+    return root, preset

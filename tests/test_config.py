@@ -85,7 +85,7 @@ def test_bad_presets_name_the_key(tmp_path, change, message):
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"unknown preset 'nope'; known presets: .*quick.*smoke"):
+    with pytest.raises(ConfigError, match=r"unknown preset .nope. \(looked in .*\); known presets: .*quick.*smoke"):
         load_preset("nope")
 
 
@@ -131,3 +131,15 @@ def test_bad_rllib_groups_name_the_key(tmp_path, change, message):
 def test_smoke_keeps_whole_training_iterations():
     breakout = load_preset("atari", smoke=True).collect.teachers["breakout"]
     assert breakout.budget % 100 == 0 and breakout.budget <= 1000 and breakout.algo == "dqn"
+
+
+def test_resources_per_stage_come_from_the_preset_and_smoke_drops_them():
+    preset = load_preset("atari")
+    assert preset.collect.actor.ray_options() == {"num_cpus": 1, "num_gpus": 0, "memory": 32 * 2**30, "resources": None}
+    assert preset.evaluate.trial_resources["imitator"].tune_resources() == {"cpu": 1, "gpu": 0.25}
+    assert preset.train.use_gpu is True
+    smoke = load_preset("atari", smoke=True)
+    assert smoke.collect.actor.ray_options()["memory"] is None and smoke.evaluate.trial_resources == {}
+    assert load_preset("quick", ["train.use_gpu=auto"]).train.use_gpu == "auto"
+    with pytest.raises(ConfigError, match="trial_resources"):
+        load_preset("quick", ["evaluate.trial_resources={learner: {cpus: 1}}"])

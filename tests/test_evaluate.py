@@ -10,12 +10,10 @@ import time
 
 import pytest
 
-from pipeline.collect import collect
 from pipeline.config import load_preset
 from pipeline.evaluate import EvaluateError, evaluate, trial_specs
 from pipeline.metrics import ENV_STEPS, EPISODIC_RETURN, TRIAL_FINISHED
 from pipeline.store import Store
-from pipeline.train import train
 
 from conftest import REPO
 
@@ -23,19 +21,8 @@ pytestmark = pytest.mark.usefixtures("ray_address")
 QUIET = dict(log=lambda line: None)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, ray_address):
-    """The smoke preset collected and trained once, in a local store: (store root, preset)."""
-    root = tmp_path_factory.mktemp("trained")
-    preset = load_preset("smoke")
-    store = Store(str(root))
-    collect(preset, store, "exp", **QUIET)
-    train(preset, store, "exp", **QUIET)
-    return root, preset
-
-
 def copy_of(trained, tmp_path) -> Store:
-    root, _ = trained
+    root, _ = trained  # the session's smoke experiment (conftest.trained)
     shutil.copytree(root / "exp", tmp_path / "exp")
     return Store(str(tmp_path))
 

@@ -28,6 +28,22 @@ def test_return_rises_from_random_to_near_optimal():
     assert quarters == sorted(quarters), quarters
 
 
+FAST = dict(learning_rate=1.0, epsilon_start=0.05, epsilon_end=0.05, initial_q=1.0, backward_replay=True)
+
+
+def test_optimism_and_backward_replay_learn_within_a_few_dozen_episodes():
+    # The quick preset's Dark Room teacher: optimistic values, lr 1 (the room is deterministic), little
+    # epsilon, each episode replayed backwards. It improves with what it has tried, not on an epsilon
+    # schedule, and fast; without the backward replay the same learner is slower.
+    returns = [episode_returns(teacher(seed=s, budget=1000, **FAST).train_steps(1000)) for s in range(5)]
+    slower = [episode_returns(teacher(seed=s, budget=1000, **{**FAST, "backward_replay": False}).train_steps(1000))
+              for s in range(5)]
+    optimal = DarkRoom(goal=GOAL).optimal_return()
+    assert np.mean([r[:5] for r in returns]) < 0.5 * optimal
+    assert np.mean([r[-20:] for r in returns]) > 0.7 * optimal  # epsilon 0.05 still costs some steps
+    assert np.mean([r[:30] for r in returns]) > np.mean([r[:30] for r in slower])
+
+
 def test_transitions_form_one_timeline():
     batch = teacher(budget=500).train_steps(500)
     np.testing.assert_array_equal(batch.step, np.arange(500))
@@ -36,12 +52,13 @@ def test_transitions_form_one_timeline():
     np.testing.assert_array_equal(batch.policy_version, batch.step)  # one TD update per step
 
 
-def test_restored_teacher_continues_the_identical_timeline(tmp_path):
-    whole = teacher(seed=3, budget=3000).train_steps(3000)
-    first = teacher(seed=3, budget=3000)
-    head = first.train_steps(1234)
+@pytest.mark.parametrize("config", [{}, FAST], ids=["plain", "backward-replay"])
+def test_restored_teacher_continues_the_identical_timeline(tmp_path, config):
+    whole = teacher(seed=3, budget=3000, **config).train_steps(3000)
+    first = teacher(seed=3, budget=3000, **config)
+    head = first.train_steps(1234)  # mid-episode: the episode's steps to replay are in the checkpoint
     first.save(str(tmp_path))
-    second = teacher(seed=99, budget=3000)  # another seed: everything must come from the checkpoint
+    second = teacher(seed=99, budget=3000, **config)  # another seed: everything must come from the checkpoint
     second.restore(str(tmp_path))
     assert second.step == 1234
     tail_a, tail_b = second.train_steps(1000), second.train_steps(766)

@@ -113,3 +113,13 @@ def test_bad_credentials_are_named(s3_endpoint_checking_credentials, monkeypatch
     with pytest.raises(StoreError, match="access denied; check the credentials") as error:
         Store("s3://bucket/x").check_writable("exp")
     assert "not-the-secret" not in str(error.value)
+
+
+def test_relative_local_store_means_the_same_folder_from_any_working_directory(tmp_path, monkeypatch):
+    # Tune runs each trial in its own working directory: a store given as ./runs must still be ./runs there.
+    monkeypatch.chdir(tmp_path)
+    store = Store("./runs")
+    store.write_bytes("x/a.txt", b"1")
+    monkeypatch.chdir(tmp_path / "runs")
+    assert pickle.loads(pickle.dumps(store)).read_bytes("x/a.txt") == b"1"
+    assert store.uri == str(tmp_path / "runs")

@@ -14,6 +14,10 @@ ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)  # no banner for ever
 for _id, _kwargs in (("DarkRoom-v0", {}), ("DarkRoomHard-v0", {"hard": True})):
     if _id not in gym.registry:
         gym.register(_id, entry_point="pipeline.envs.darkroom:DarkRoom", kwargs=_kwargs)
+# CartPole-v1 with a pole twice as long (slower to fall, harder to catch once tilted): a transfer target.
+if "CartPoleLongPole-v0" not in gym.registry:
+    gym.register("CartPoleLongPole-v0", entry_point="pipeline.envs.cartpole:CartPoleVariant", kwargs={"length": 1.0},
+                 max_episode_steps=500, reward_threshold=475.0)
 
 
 def is_atari(env_id: str) -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import zlib
 
 import gymnasium as gym
 import numpy as np
@@ -23,6 +25,10 @@ class QLearningConfig:
     epsilon_start: float = Field(1.0, ge=0, le=1)
     epsilon_end: float = Field(0.05, ge=0, le=1)
     epsilon_decay: float = Field(0.8, gt=0, le=1)  # fraction of the budget over which epsilon falls linearly
+    initial_q: float = 0.0  # above the returns an action can earn: optimism that explores what was not tried
+    # At each episode's end, repeat its TD updates from the last step back to the first, so a reward
+    # reaches every step that led to it at once (episodic backward update) instead of one step per visit.
+    backward_replay: bool = False
 
     granularity = 1  # any number of steps per train_steps call
 
@@ -40,11 +46,14 @@ class QLearningTeacher:
         config.check_spaces(env_id, self.env.observation_space, self.env.action_space)
         self.encoding = ObsEncoding.for_space(self.env.observation_space)
         self.config, self.budget, self.granularity = config, budget, config.granularity
-        self.rng = np.random.default_rng(seed)
+        # Seeded by the seed and the task: teachers of other tasks (other Dark Room goals) with the same
+        # seed explore differently, as independent runs would.
+        self.rng = np.random.default_rng([seed, zlib.crc32(json.dumps(env_kwargs, sort_keys=True).encode())])
         # Tiny random values break argmax ties randomly instead of always picking action 0.
-        self.q = self.rng.uniform(0, 1e-6, (self.env.observation_space.n, self.env.action_space.n))
+        self.q = config.initial_q + self.rng.uniform(0, 1e-6, (self.env.observation_space.n, self.env.action_space.n))
         self.obs, _ = self.env.reset(seed=seed)
         self.step, self.episode, self.episode_step = 0, 0, 0
+        self.episode_steps: list[tuple[int, int, float, int, bool]] = []  # (obs, action, reward, next obs, terminated)
 
     def epsilon(self, steps: np.ndarray) -> np.ndarray:
         c = self.config
@@ -71,11 +80,14 @@ class QLearningTeacher:
             next_obs, reward, terminated, truncated, _ = env.step(action)
             target = reward if terminated else reward + gamma * q[next_obs].max()
             q[obs, action] += lr * (target - q[obs, action])
+            if self.config.backward_replay:
+                self.episode_steps.append((obs, action, reward, next_obs, terminated))
             if record:
                 add_obs(obs)
                 add_action(action)
                 add_reward(reward)
             if terminated or truncated:
+                self._replay_backward()
                 ends.append((i, terminated, truncated))
                 next_obs, _ = env.reset()
                 episode, episode_step = episode + 1, 0
@@ -86,6 +98,13 @@ class QLearningTeacher:
         self.obs, self.episode, self.episode_step = obs, episode, episode_step
         self.step += n
         return out
+
+    def _replay_backward(self) -> None:
+        q, lr, gamma = self.q, self.config.learning_rate, self.config.gamma
+        for obs, action, reward, next_obs, terminated in reversed(self.episode_steps):
+            target = reward if terminated else reward + gamma * q[next_obs].max()
+            q[obs, action] += lr * (target - q[obs, action])
+        self.episode_steps = []
 
     def _transitions(self, seen: list, actions: list, rewards: list, ends: list) -> Transitions:
         n = len(seen)
@@ -105,7 +124,7 @@ class QLearningTeacher:
         self.env.close()
 
     # The env is pickled with its state, so a restored teacher continues mid-episode exactly.
-    _STATE = ("q", "rng", "env", "obs", "step", "episode", "episode_step")
+    _STATE = ("q", "rng", "env", "obs", "step", "episode", "episode_step", "episode_steps")
 
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
@@ -116,4 +135,5 @@ class QLearningTeacher:
         with open(os.path.join(directory, CHECKPOINT_FILE), "rb") as handle:
             state = pickle.load(handle)
         for name in self._STATE:
-            setattr(self, name, state[name])
+            if name in state:  # checkpoints from before backward_replay have no episode_steps
+                setattr(self, name, state[name])
