@@ -757,7 +757,8 @@ def gather(preset, store, experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, 
         if trial.test == "extrapolation":
             teachers[trial.teacher["teacher_id"]] = trial
     histories = [row for trial in teachers.values() for row in history_rows(store, experiment, trial)]
-    return pd.DataFrame(trials), pd.DataFrame(episodes, columns=["trial_id", "env_steps", "episodic_return"]), pd.DataFrame(histories)
+    return (pd.DataFrame(trials), pd.DataFrame(episodes, columns=["trial_id", "env_steps", "episodic_return"]),
+            pd.DataFrame(histories, columns=list(HISTORY_COLUMNS)))  # no extrapolation test: no history rows, same columns
 
 
 def history_rows(store, experiment: str, trial) -> list[dict]:

@@ -19,7 +19,7 @@ from matplotlib.image import imread
 from pipeline.metrics import (B_C, CEILING_EXCEEDANCE, COUNT, CUTOFF, DOES_NOT, ENV, EXTRAPOLATES, FINAL_IMITATOR,
                               FINAL_TEACHER, FIRST_IMITATOR, L_C, MISSING_SEEDS, N_SEEDS, PER_SEED_METRICS, SEED,
                               TRANSFER_AUC_RATIO, VERDICT, Curve, missing_status, per_seed_metrics, transfer_auc_ratio)
-from pipeline.report import (CONTEXT_STEPS, CUTOFF_STEP, GROUP, IN_CONTEXT_GAIN, LEARNS_IN_CONTEXT, MISSING_TRIALS,
+from pipeline.report import (CONTEXT_STEPS, CUTOFF_STEP, GROUP, HISTORY_COLUMNS, IN_CONTEXT_GAIN, LEARNS_IN_CONTEXT, MISSING_TRIALS,
                              TEST, build_report, mean_band, on_grid)
 
 EPISODE = 20  # env steps per synthetic episode
@@ -283,3 +283,13 @@ def test_bad_inputs_are_refused_with_the_column_named(world, tmp_path):
         build_report(trials.assign(status="crashed"), episodes, histories, str(tmp_path))
     with pytest.raises(ValueError, match="more than one trial"):
         build_report(pd.concat([trials, trials.iloc[:1].assign(trial_id="again")]), episodes, histories, str(tmp_path))
+
+
+def test_a_grid_with_only_the_positive_control_reports_it(tmp_path):
+    # No extrapolation test means no teacher histories to draw: the report still has the control.
+    world = World()
+    world.control(*DARKROOM)
+    trials, episodes, _ = world.frames()
+    summary = build_report(trials, episodes, pd.DataFrame(columns=list(HISTORY_COLUMNS)), str(tmp_path), n_resamples=200)
+    rows = table_after(read(summary.path_md), "Positive control")
+    assert [r["verdict"].strip("*") for r in rows] == [LEARNS_IN_CONTEXT]
