@@ -193,12 +193,16 @@ def random_arm(trial: TrialSpec, store: Store, experiment: str) -> Iterator[Epis
 
 
 def load_trial_imitator(trial: TrialSpec, store: Store, experiment: str):
+    """The trial's frozen imitator, on the GPU Ray gave the trial (evaluate.trial_resources), else the CPU."""
+    import ray
+
+    device = "cuda" if ray.get_gpu_ids() else "cpu"
     folder = f"{imitators_dir(experiment, trial.cutoff)}/{trial.imitator}"
     done = json.loads(store.read_bytes(f"{folder}/{DONE_FILE}"))
     checkpoint = os.path.basename(done["checkpoint"].rstrip("/"))
     with tempfile.TemporaryDirectory() as local:
         store.download_dir(f"{folder}/{checkpoint}", local)
-        return load_imitator(local)
+        return load_imitator(local, device)
 
 
 def imitator_arm(trial: TrialSpec, store: Store, experiment: str) -> Iterator[Episode]:
