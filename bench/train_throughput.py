@@ -1,6 +1,6 @@
 """Imitator training speed: Ray Train + Ray Data against a bare PyTorch loop, and FLOP utilisation.
 
-    python bench/train_throughput.py              # the quick preset's Dark Room imitator at cutoff 0.5
+    python bench/train_throughput.py              # the quick preset's Dark Room imitator (cutoff 0.25)
     python bench/train_throughput.py --steps 600
 
 Collects the quick preset's Dark Room histories into a temporary store, then prints, from one run:
@@ -11,6 +11,9 @@ Collects the quick preset's Dark Room histories into a temporary store, then pri
               memory as tensors. Goal: ray train / bare >= 0.9.
   MFU         achieved FLOP/s (model.flops_per_step() x tokens/s) over the FLOP/s of a plain
               torch.matmul shaped like the model's MLP matmul, measured in the same run. Aim > 25%.
+  read        seconds to read the histories before the cutoff (the train stage's Parquet read with
+              its pushed-down filter) with Ray Data's V1 reader, which train uses, and with V2,
+              Ray 2.60's default; alternating, best of three each.
 torch uses one thread everywhere, as in a Ray Train worker with one CPU.
 """
 
@@ -29,7 +32,7 @@ from pipeline.collect import collect
 from pipeline.config import load_preset
 from pipeline.model import Imitator, ModelArgs
 from pipeline.store import Store
-from pipeline.train import fit_imitator, imitator_specs, optimizer_step, shard_paths, windows_dataset
+from pipeline.train import READ_COLUMNS, fit_imitator, imitator_specs, optimizer_step, shard_paths, windows_dataset
 
 
 def bare_loop(args: ModelArgs, hp: dict, batches: list[dict[str, torch.Tensor]]) -> float:
@@ -40,6 +43,17 @@ def bare_loop(args: ModelArgs, hp: dict, batches: list[dict[str, torch.Tensor]])
     start = time.perf_counter()
     for step, batch in enumerate(batches):
         optimizer_step(model, optimizer, batch, step, hp)
+    return time.perf_counter() - start
+
+
+def read_seconds(store: Store, paths: list[str], cutoff_step: int, datasource_v2: bool) -> float:
+    """One read of the rows before the cutoff, as pipeline.train.history_rows makes it."""
+    from ray.data.expressions import col
+
+    ray.data.DataContext.get_current().use_datasource_v2 = datasource_v2
+    start = time.perf_counter()
+    ray.data.read_parquet(paths, filesystem=store.arrow_fs, partitioning=None).select_columns(READ_COLUMNS) \
+        .filter(expr=col("step") < cutoff_step).materialize()
     return time.perf_counter() - start
 
 
@@ -62,7 +76,7 @@ def main() -> None:
     preset = load_preset("quick")
     preset = replace(preset, collect=replace(preset.collect, teachers={"darkroom": preset.collect.teachers["darkroom"]}),
                      train=replace(preset.train, imitators={"darkroom": preset.train.imitators["darkroom"]}))
-    spec = next(s for s in imitator_specs(preset) if s.cutoff == 0.5)
+    spec = imitator_specs(preset)[0]
     hp = {**spec.hparams, "steps": options.steps, "report_every": options.steps, "checkpoint_every": options.steps}
     spec = replace(spec, hparams=hp, val_teachers=())
     args = ModelArgs.from_dict(spec.model_args)
@@ -72,14 +86,19 @@ def main() -> None:
         started = time.perf_counter()
         result = fit_imitator(preset, store, "bench", spec)
         train_wall = time.perf_counter() - started
-        dataset = windows_dataset(store, shard_paths(store, "bench", spec, spec.train_teachers), spec)
+        paths = shard_paths(store, "bench", spec, spec.train_teachers)
+        times = {False: [], True: []}
+        for _, v2 in itertools.product(range(3), (False, True)):
+            times[v2].append(read_seconds(store, paths, spec.cutoff_step, v2))
+        reads = {v2: min(seconds) for v2, seconds in times.items()}
+        dataset = windows_dataset(store, paths, spec)
         batches = list(itertools.islice(dataset.iter_torch_batches(batch_size=hp["batch_size"], drop_last=True), options.steps))
     tokens = options.steps * hp["batch_size"] * args.context_steps
     ray_rate, bare_rate = result["tokens_per_s"], tokens / bare_loop(args, hp, batches)
     model = Imitator(args)
     achieved = model.flops_per_step() * bare_rate
     peak = matmul_flops(hp["batch_size"] * args.context_steps, args.n_embd, 4 * args.n_embd)
-    print(f"{spec.name} at cutoff 0.5: {args.n_layer} layers, n_embd {args.n_embd}, {model.num_params():,} parameters, "
+    print(f"{spec.name} at cutoff {spec.cutoff:g}: {args.n_layer} layers, n_embd {args.n_embd}, {model.num_params():,} parameters, "
           f"batch {hp['batch_size']} x {args.context_steps} steps, {options.steps} optimizer steps, "
           f"{len(spec.train_teachers)} teachers")
     print(f"  ray train (in the loop)   {ray_rate:10,.0f} tokens/s   (whole fit incl. start-up: {train_wall:.1f} s, "
@@ -89,6 +108,8 @@ def main() -> None:
     print(f"MFU: {achieved / 1e9:.2f} GFLOP/s achieved (bare loop) / {peak / 1e9:.2f} GFLOP/s of a "
           f"({hp['batch_size'] * args.context_steps} x {args.n_embd}) @ ({args.n_embd} x {4 * args.n_embd}) matmul = "
           f"{achieved / peak:.1%}   (aim: > 25%); through ray train: {model.flops_per_step() * ray_rate / peak:.1%}")
+    print(f"read of {len(paths)} shards before the cutoff: V1 {reads[False]:.2f} s, V2 {reads[True]:.2f} s, "
+          f"V2 / V1 = {reads[True] / reads[False]:.1f}")
 
 
 if __name__ == "__main__":

@@ -132,7 +132,11 @@ class TrainConfig:
     imitators: dict[str, ImitatorGroup] = field(default_factory=dict)
     num_workers: int = Field(1, gt=0)  # Ray Train workers per imitator (data parallel)
     use_gpu: bool | Literal["auto"] = False  # one GPU per worker; auto: if the cluster has GPUs when train starts
-    cpus_per_worker: int = Field(1, gt=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    # Imitators trained at once, each its own Ray Train job. On a small machine a job is mostly
+    # fixed start-up cost and one torch thread, so two at once (with half a CPU per worker, which
+    # leaves Ray Data's read tasks a CPU) use it better than one after the other.
+    concurrent: int = Field(1, gt=0)
     max_failures: int = Field(3, ge=0)  # worker failures an imitator's training survives
 
 
@@ -211,7 +215,7 @@ class Preset:
                  for name, group in self.evaluate.imitators.items()}
         # A smoke run fits on any machine: one CPU per actor, worker and trial, no GPU, no reservations.
         return replace(self, name=f"{self.name}-smoke", collect=replace(self.collect, teachers=groups, actor=Resources()),
-                       train=replace(self.train, imitators=imitators, num_workers=1, use_gpu=False, cpus_per_worker=1),
+                       train=replace(self.train, imitators=imitators, num_workers=1, use_gpu=False, cpus_per_worker=1, concurrent=1),
                        evaluate=replace(self.evaluate, imitators=tests, trial_resources={}))
 
 

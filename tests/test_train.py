@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +19,7 @@ from pipeline.config import ConfigError, load_preset
 from pipeline.history import HistoryError, TeacherHistory
 from pipeline.schema import VERSION_KEY, ObsEncoding, Transitions
 from pipeline.store import Store
-from pipeline.train import TrainError, history_rows, imitator_specs, shard_paths, train
+from pipeline.train import ReadPlan, TrainError, concurrent_jobs, history_rows, imitator_specs, read_plan, shard_paths, train
 from pipeline.windows import make_windows, stack_frames
 
 from conftest import REPO
@@ -62,13 +63,18 @@ def test_frame_stacks_stay_inside_their_episode():
     np.testing.assert_array_equal(stacks[9], [7, 8, 9])
 
 
-def test_cutoff_filter_drops_exactly_the_rows_at_or_past_the_cutoff(tmp_path):
+def test_cutoff_filter_drops_exactly_the_rows_at_or_past_the_cutoff_inside_the_parquet_read(tmp_path, capsys):
     preset = load_preset("smoke")
     store = Store(str(tmp_path))
     collect(preset, store, "exp", log=lambda line: None)
     spec = imitator_specs(preset)[0]
     teachers = spec.train_teachers + spec.val_teachers
-    frame = history_rows(store, shard_paths(store, "exp", spec, teachers), spec.cutoff_step).to_pandas()
+    rows = history_rows(store, shard_paths(store, "exp", spec, teachers), spec.cutoff_step)
+    capsys.readouterr()
+    rows.explain()
+    optimized = capsys.readouterr().out.split("Logical Plan (Optimized)")[1].split("Physical Plan")[0]
+    assert "Read" in optimized and "Filter" not in optimized  # pushed down: no separate filter pass
+    frame = rows.to_pandas()
     assert spec.cutoff_step == 600
     for teacher in teachers:
         steps = np.sort(frame[frame["teacher_id"] == teacher]["step"].to_numpy())
@@ -99,23 +105,45 @@ def tensorboard_tags(store: Store, folder: str) -> bytes:
     return b"".join(store.fs.cat_file(p) for p in names)
 
 
-def test_tiny_model_overfits_a_tiny_history_through_ray_train_on_s3(s3_uri):
+def test_tiny_models_overfit_a_tiny_history_through_ray_train_on_s3_two_jobs_at_once(s3_uri):
     overrides = ["train.imitators.darkroom.steps=150", "train.imitators.darkroom.lr=0.003",
                  "train.imitators.darkroom.warmup_steps=10", "train.imitators.darkroom.report_every=75",
-                 "train.imitators.darkroom.checkpoint_every=150", "train.imitators.darkroom.sizes={tiny: {n_layer: 1, n_head: 2, n_embd: 64}}"]
+                 "train.imitators.darkroom.checkpoint_every=150", "train.imitators.darkroom.sizes={tiny: {n_layer: 1, n_head: 2, n_embd: 64}}",
+                 "train.imitators.darkroom.context_steps=[20, 10]", "train.concurrent=2", "train.cpus_per_worker=0.5"]
     preset = load_preset("smoke", overrides)
     store = Store(s3_uri)
     write_deterministic_histories(store, "exp", preset)
-    [result] = train(preset, store, "exp", log=lambda line: None)
-    assert result["step"] == 150 and result["loss"] < 0.05, result
-    assert result["val_loss"] < 0.1, result  # held-out teachers follow the same rule
-    spec = imitator_specs(preset)[0]
-    folder = spec.dir("exp")
-    assert store.exists(f"{folder}/_done.json")
-    assert any(name.startswith("checkpoint_") for name in store.list_names(folder))
-    assert b"imitator/loss" in tensorboard_tags(store, f"{folder}/tensorboard")
-    [again] = train(preset, store, "exp", log=lambda line: None)  # finished imitators are not retrained
-    assert again == result
+    lines = []
+    results = train(preset, store, "exp", log=lines.append)
+    assert "train: 2 imitators, 2 at a time" in lines
+    assert [r["imitator"] for r in results] == ["darkroom-tiny-ctx20", "darkroom-tiny-ctx10"]
+    for result, spec in zip(results, imitator_specs(preset)):
+        assert result["step"] == 150 and result["loss"] < 0.05, result
+        assert result["val_loss"] < 0.1, result  # held-out teachers follow the same rule
+        folder = spec.dir("exp")
+        assert store.exists(f"{folder}/_done.json")
+        assert any(name.startswith("checkpoint_") for name in store.list_names(folder))
+        assert b"imitator/loss" in tensorboard_tags(store, f"{folder}/tensorboard")
+    again = train(preset, store, "exp", log=lambda line: None)  # finished imitators are not retrained
+    assert again == results
+
+
+def test_a_small_history_is_read_once_in_one_block_a_large_one_streamed_per_epoch():
+    [spec] = imitator_specs(load_preset("smoke"))
+    assert read_plan(spec, window=20, stride=10) == ReadPlan(1, 1)  # every teacher in one block; one epoch is enough
+    many_steps = replace(spec, hparams={**spec.hparams, "steps": 5000})
+    assert read_plan(many_steps, window=20, stride=10).repeats > 1  # all the epochs it needs from one read
+    assert read_plan(many_steps, window=20, stride=10, repeat=False).repeats == 1  # validation: one pass
+    frames = replace(spec, model_args={**spec.model_args, "obs_kind": "image", "obs_shape": [84, 84], "frame_stack": 4},
+                     train_teachers=spec.train_teachers * 200)
+    assert read_plan(frames, window=20, stride=10) == ReadPlan(None, 1)
+
+
+def test_concurrent_imitator_jobs_leave_a_cpu_for_reading_their_data():
+    settings = load_preset("smoke").train  # the fixture's Ray has 2 CPUs
+    assert concurrent_jobs(replace(settings, concurrent=2, cpus_per_worker=0.5), todo=3) == 2
+    assert concurrent_jobs(replace(settings, concurrent=2, cpus_per_worker=1), todo=3) == 1  # two would take both CPUs
+    assert concurrent_jobs(replace(settings, concurrent=4, cpus_per_worker=0.25), todo=3) == 3
 
 
 def test_rerun_resumes_an_interrupted_imitator_from_its_checkpoint(tmp_path, ray_address):
