@@ -346,9 +346,15 @@ def train(preset: Preset, store: Store, experiment: str, log: Callable[[str], No
         (results.append(json.loads(done)) if done else todo.append(spec))
     for spec in todo:  # check all data before training any
         shard_paths(store, experiment, spec, spec.train_teachers + spec.val_teachers)
-    if not todo:
-        log(f"train: done: {len(specs)} imitators in {store.url(f'{experiment}/imitators')}")
-        return results
+    if todo:
+        results += fit_imitators(preset, store, experiment, todo, log)
+    log(f"train: done: {len(specs)} imitators in {store.url(f'{experiment}/imitators')}")
+    return results
+
+
+def fit_imitators(preset: Preset, store: Store, experiment: str, todo: list[ImitatorSpec],
+                  log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Fit these imitators, train.concurrent Ray Train jobs at a time; their final metrics in order."""
     ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     jobs = concurrent_jobs(preset.train, len(todo))
@@ -367,9 +373,7 @@ def train(preset: Preset, store: Store, experiment: str, log: Callable[[str], No
     with ThreadPoolExecutor(jobs) as pool:
         futures = [pool.submit(fit, number, spec) for number, spec in enumerate(todo, 1)]
         wait(futures)
-    results += [future.result() for future in futures]
-    log(f"train: done: {len(specs)} imitators in {store.url(f'{experiment}/imitators')}")
-    return results
+    return [future.result() for future in futures]
 
 
 def concurrent_jobs(settings: TrainConfig, todo: int) -> int:
