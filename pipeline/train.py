@@ -23,7 +23,7 @@ import os
 import tempfile
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -369,10 +369,10 @@ def fit_imitators(preset: Preset, store: Store, experiment: str, todo: list[Imit
             + (f", validation loss {final['val_loss']:.3f}" if "val_loss" in final else ""))
         return final
 
-    # Each job checkpoints as it goes: when one fails, the others still finish before the error is raised.
+    # Each job checkpoints as it goes: when one fails, the others still finish (leaving the pool
+    # waits for them) before the first error is raised.
     with ThreadPoolExecutor(jobs) as pool:
         futures = [pool.submit(fit, number, spec) for number, spec in enumerate(todo, 1)]
-        wait(futures)
     return [future.result() for future in futures]
 
 
