@@ -1,6 +1,6 @@
 """Collect throughput: the Ray fleet recording to Parquet against the same teachers in a bare loop.
 
-    python bench/collect_throughput.py                   # the quick preset's 65 Dark Room teachers
+    python bench/collect_throughput.py                   # the quick preset's Dark Room teachers (--group)
     python bench/collect_throughput.py --repeats 5 --set collect.teachers.darkroom.budget=40000
 
 Measures, side by side in one run, with Ray started once beforehand:
@@ -27,7 +27,8 @@ from dataclasses import replace
 
 import ray
 
-from pipeline.collect import collect, run_teacher, teacher_specs
+from pipeline.collect import collect, run_teacher
+from pipeline.plan import teacher_specs
 from pipeline.config import load_preset
 from pipeline.store import Store
 from pipeline.teachers import make_teacher
@@ -58,9 +59,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="quick")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--group", default="darkroom", help="the teacher group measured; the preset's others are left out")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     preset = load_preset(args.preset, args.overrides)
+    # Only this group's teachers (tabular: the bare loop runs them with record=False, which RLlib teachers lack).
+    preset = replace(preset, collect=replace(preset.collect, teachers={args.group: preset.collect.teachers[args.group]}))
     specs = teacher_specs(preset)
     steps = sum(s.budget for s in specs)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -23,7 +23,7 @@ from pipeline.config import load_preset
 from pipeline.envs import make_env
 from pipeline.model import Imitator, ModelArgs, sample_actions
 from pipeline.rollout import ImitatorPolicy
-from pipeline.train import imitator_specs
+from pipeline.plan import imitator_specs
 
 
 class Envs:

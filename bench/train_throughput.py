@@ -32,7 +32,8 @@ from pipeline.collect import collect
 from pipeline.config import load_preset
 from pipeline.model import Imitator, ModelArgs
 from pipeline.store import Store
-from pipeline.train import READ_COLUMNS, fit_imitator, imitator_specs, optimizer_step, shard_paths, windows_dataset
+from pipeline.plan import imitator_specs
+from pipeline.train import READ_COLUMNS, fit_imitator, optimizer_step, shard_paths, windows_dataset
 
 
 def bare_loop(args: ModelArgs, hp: dict, batches: list[dict[str, torch.Tensor]]) -> float:

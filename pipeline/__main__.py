@@ -6,9 +6,10 @@
     python -m pipeline collect --preset quick --smoke      # any preset shrunk to seconds
     python -m pipeline train --preset quick                # the imitators, on the collected histories
 
-Bad input (unknown preset key, wrong type, unknown env id, unusable store) prints one line naming
-the culprit and exits with status 2 before any work starts; a failed run exits with status 1 and
-keeps everything it committed, so rerunning the same command resumes it.
+Every error ends as one line naming the culprit (pipeline/errors.py), without a traceback: bad
+input (unknown preset key, wrong type, unknown env id, an unusable name or store) exits with
+status 2 before any work starts; a failed stage exits with status 1 and keeps everything it
+committed, so rerunning the same command resumes it.
 """
 
 from __future__ import annotations
@@ -17,18 +18,17 @@ import argparse
 import os
 import sys
 
-from pipeline.collect import CollectError, collect
-from pipeline.config import ConfigError, Preset, load_preset
-from pipeline.history import HistoryError
-from pipeline.report import report
-from pipeline.schema import SchemaError
-from pipeline.store import Store, StoreError
-from pipeline.evaluate import EvaluateError, evaluate
-from pipeline.train import TrainError, train
+from pipeline.collect import collect
+from pipeline.config import Preset, load_preset
+from pipeline.errors import PipelineError
+from pipeline.evaluate import evaluate
+from pipeline.layout import check_name
+from pipeline.report.stage import report
+from pipeline.store import Store
+from pipeline.train import train
 
 DEFAULT_STORE = "./runs"
-# The stages of DESIGN.md in order; those not built yet are named so `run` can say so.
-STAGES = {"collect": collect, "train": train, "evaluate": evaluate, "report": report}
+STAGES = {"collect": collect, "train": train, "evaluate": evaluate, "report": report}  # in the order `run` runs them
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,23 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         preset: Preset = load_preset(args.preset, args.overrides, smoke=args.smoke)
+        experiment = check_name("--experiment", args.experiment or preset.name)
         store = Store(args.store)
-    except (ConfigError, StoreError) as error:
-        print(f"cutoff: error: {error}", file=sys.stderr)
-        return 2
-    if args.address:
-        os.environ["RAY_ADDRESS"] = args.address  # stages start Ray only once they have work
-    experiment = args.experiment or preset.name
-    stages = list(STAGES) if args.command == "run" else [args.command]
-    try:
-        for stage in stages:
+        if args.address:
+            os.environ["RAY_ADDRESS"] = args.address  # stages start Ray only once they have work
+        for stage in list(STAGES) if args.command == "run" else [args.command]:
             STAGES[stage](preset, store, experiment)
-    except (ConfigError, StoreError) as error:  # found before the stage starts any work
+    except PipelineError as error:
         print(f"cutoff: error: {error}", file=sys.stderr)
-        return 2
-    except (CollectError, TrainError, EvaluateError, HistoryError, SchemaError) as error:
-        print(f"cutoff: error: {error}", file=sys.stderr)
-        return 1
+        return error.exit_status
     return 0
 
 

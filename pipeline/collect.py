@@ -16,82 +16,28 @@ import json
 import tempfile
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import ray
 
-from pipeline.config import CollectConfig, ConfigError, Preset, cutoff_steps, task_id, teacher_id
+from pipeline import layout
+from pipeline.config import CollectConfig, Preset
+from pipeline.errors import PipelineError
+from pipeline.history import HistoryError, TeacherHistory
+from pipeline.plan import TeacherSpec, teacher_specs
 from pipeline.runtime import ensure_ray
-from pipeline.history import MANIFEST, SPEC, HistoryError, TeacherHistory, histories_dir
 from pipeline.schema import Manifest, SchemaError, Transitions
 from pipeline.store import Store
-from pipeline.teachers import Teacher, algo_config, make_teacher
+from pipeline.teachers import Teacher, make_teacher
 
 PROGRESS_SECONDS = 5.0
+PROGRESS_STEPS = 2048  # a teacher reports the steps it has done at least this often (rounded to whole iterations)
 ACTOR_RESTARTS = 3
 
 
-class CollectError(RuntimeError):
+class CollectError(PipelineError):
     """Some teachers failed; their committed data is kept and a rerun resumes them."""
-
-
-@dataclass(frozen=True)
-class Stop:
-    step: int
-    cutoff: float | None  # save the checkpoint of this cutoff fraction here (1.0: the end)
-    ends_shard: bool  # write the rows gathered since the last shard as one shard
-    commits: bool  # commit the shards and checkpoints since the last commit (a resume point)
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """Everything that defines one teacher's timeline; stored as _teacher.json beside its history."""
-
-    teacher_id: str
-    group: str
-    env_id: str
-    env_kwargs: dict[str, Any]  # the group's env_kwargs with the task's applied
-    task_id: str
-    seed: int
-    algo: str
-    algo_config: dict[str, Any]
-    budget: int
-    cutoffs: tuple[float, ...]
-
-    def stops(self, shard_steps: int, checkpoint_steps: int | None) -> list[Stop]:
-        """The steps where run_teacher pauses, and what it does at each; all whole training iterations."""
-        unit = algo_config(self.algo, self.algo_config).granularity
-        whole = lambda steps: -(-steps // unit) * unit  # noqa: E731  (round up to whole iterations)
-        cutoffs = cutoff_steps(self.budget, list(self.cutoffs), unit)
-        commits = set(range(whole(checkpoint_steps), self.budget, whole(checkpoint_steps))) if checkpoint_steps else set()
-        commits.add(self.budget)
-        shards = set(range(whole(shard_steps), self.budget, whole(shard_steps))) | commits
-        return [Stop(step, cutoffs.get(step), step in shards, step in commits) for step in sorted(cutoffs.keys() | shards)]
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
-
-
-def teacher_specs(preset: Preset) -> list[TeacherSpec]:
-    collect = preset.collect
-    return [
-        TeacherSpec(
-            teacher_id=teacher_id(name, task, seed),
-            group=name,
-            env_id=group.env,
-            env_kwargs={**group.env_kwargs, **task},
-            task_id=task_id(task),
-            seed=seed,
-            algo=group.algo,
-            algo_config=group.algo_config,
-            budget=group.budget,
-            cutoffs=tuple(collect.cutoffs),
-        )
-        for name, group in collect.teachers.items()
-        for task in group.tasks
-        for seed in group.seeds
-    ]
 
 
 @dataclass
@@ -126,11 +72,15 @@ def _run(teacher: Teacher, spec: TeacherSpec, history: TeacherHistory, manifest:
     if teacher.step != manifest.next_step:
         raise HistoryError(f"{spec.teacher_id}: checkpoint is at step {teacher.step}, the history ends at {manifest.next_step}")
     start_step = teacher.step
+    chunk = teacher.granularity * max(1, PROGRESS_STEPS // teacher.granularity)
     rows, staged, saved = [], [], []
     for stop in spec.stops(shard_steps, checkpoint_steps):
-        if stop.step <= teacher.step:
+        if stop.step <= start_step:
             continue  # committed before a restart
-        rows.append(teacher.train_steps(stop.step - teacher.step))
+        while teacher.step < stop.step:
+            rows.append(teacher.train_steps(min(chunk, stop.step - teacher.step)))
+            if progress is not None:
+                progress.report.remote(spec.teacher_id, teacher.step)
         if stop.cutoff is not None or stop.commits:
             saved.append(history.checkpoint_entry(teacher.step, stop.cutoff))
             _save_checkpoint(teacher, store, history.checkpoint_path(teacher.step))
@@ -142,8 +92,6 @@ def _run(teacher: Teacher, spec: TeacherSpec, history: TeacherHistory, manifest:
         if stop.commits:
             manifest = history.commit(manifest, staged, saved, complete=teacher.step >= spec.budget)
             staged, saved = [], []
-            if progress is not None:
-                progress.report.remote(spec.teacher_id, teacher.step)
     return TeacherResult(spec.teacher_id, manifest.rows, teacher.step - start_step)
 
 
@@ -177,7 +125,7 @@ class TeacherActor:
 
 @ray.remote(num_cpus=0)
 class Progress:
-    """Newest committed step of each running teacher, reported by the actors."""
+    """Steps done by each running teacher (committed or not), reported by the actors."""
 
     def __init__(self):
         self.steps: dict[str, int] = {}
@@ -192,35 +140,22 @@ class Progress:
 def plan(specs: list[TeacherSpec], store: Store, experiment: str) -> dict[str, Manifest]:
     """Check each teacher's stored spec against the preset (recording new ones); return committed manifests."""
     histories = {s.teacher_id: TeacherHistory(store, experiment, s.env_id, s.teacher_id) for s in specs}
-    stored = store.read_many([h.path(SPEC) for h in histories.values()] + [h.path(MANIFEST) for h in histories.values()])
+    paths = [h.path(name) for h in histories.values() for name in (layout.TEACHER_SPEC_FILE, layout.MANIFEST_FILE)]
+    stored = store.read_many(paths)  # concurrently: hundreds of teachers on an object store
     manifests = {}
     for spec in specs:
         history = histories[spec.teacher_id]
-        old = _stored_spec(stored.get(history.path(SPEC)), store.url(history.path(SPEC)))
-        if old is None:
-            store.write_bytes(history.path(SPEC), spec.to_json())
-        elif old != json.loads(spec.to_json()):
-            raise ConfigError(_spec_mismatch(experiment, spec, old))
-        text = stored.get(history.path(MANIFEST))
+        spec_path, manifest_path = history.path(layout.TEACHER_SPEC_FILE), history.path(layout.MANIFEST_FILE)
+        settings = spec.settings()
+        if layout.check_rerun(stored.get(spec_path), settings, what=f"teacher {spec.teacher_id} collected",
+                              experiment=experiment, where=store.url(spec_path)):
+            store.write_bytes(spec_path, json.dumps(settings, sort_keys=True, indent=1).encode())
+        text = stored.get(manifest_path)
         try:
-            manifests[spec.teacher_id] = Manifest.from_json(text, store.url(history.path(MANIFEST))) if text else Manifest()
+            manifests[spec.teacher_id] = Manifest.from_json(text, store.url(manifest_path)) if text else Manifest()
         except SchemaError as error:
             raise HistoryError(f"{error}. Nothing was changed.") from error
     return manifests
-
-
-def _stored_spec(data: bytes | None, where: str) -> dict | None:
-    try:
-        return json.loads(data) if data is not None else None
-    except ValueError as error:
-        raise HistoryError(f"{where}: not valid JSON ({error}). Nothing was changed.") from error
-
-
-def _spec_mismatch(experiment: str, spec: TeacherSpec, old: dict) -> str:
-    new = json.loads(spec.to_json())
-    diffs = ", ".join(f"{k}: {old.get(k)!r} then, {new[k]!r} now" for k in new if old.get(k) != new[k])
-    return (f"experiment {experiment!r} already holds teacher {spec.teacher_id} collected with other settings ({diffs}); "
-            "use another --experiment, or the settings it was started with")
 
 
 def collect(preset: Preset, store: Store, experiment: str, log: Callable[[str], None] = print) -> list[TeacherResult]:
@@ -237,7 +172,7 @@ def collect(preset: Preset, store: Store, experiment: str, log: Callable[[str], 
     now = sum(r.steps_run for r in results)
     total = sum(m.rows for m in manifests.values() if m.complete) + sum(r.steps for r in results)
     log(f"collect: done: {len(specs)} teachers, {total:,} transitions ({now:,} collected by this run); "
-        f"histories in {store.url(histories_dir(experiment))}")
+        f"histories in {store.url(layout.histories_dir(experiment))}")
     return results
 
 

@@ -44,13 +44,16 @@ import pandas as pd
 from matplotlib.figure import Figure
 from pydantic import TypeAdapter
 
+from pipeline import layout
+from pipeline.arms import CONTROL, EXTRAPOLATION, IMITATOR_COLORS, TESTS, TRANSFER
 from pipeline.config import Preset
 from pipeline.metrics import (CEILING_EXCEEDANCE, CUTOFF, ENV, EXTRAPOLATION_RATIO, FINAL_IMITATOR, FINAL_TEACHER,
                               HIGH, LOW, TRANSFER_AUC_RATIO, VERDICT)
-from pipeline.report import (CONTROL, DPI, EXTRAPOLATION, GROUP, IMITATOR_COLORS, IN_CONTEXT_GAIN, REPORT_FILE,
-                             SECTIONS, SUMMARY_FILE, TEST, TESTS, TRANSFER, VARIANT, markdown_table, number, with_ci)
+from pipeline.report.figures import DPI, errorbars
+from pipeline.report.tables import GROUP, IN_CONTEXT_GAIN, REPORT_FILE, SUMMARY_FILE, TEST, VARIANT
+from pipeline.report.text import SECTIONS, markdown_table, number, with_ci
 
-RECORD_FILE = "_preset.json"  # in {experiment}/report/: which preset produced the experiment
+RECORD_FILE = layout.PRESET_RECORD_FILE  # in {experiment}/report/: which preset produced the experiment
 RERUNS_FILE, RERUNS_FIGURE = "reruns.parquet", "reruns.png"
 HEADING = "## Across reruns"
 
@@ -118,7 +121,7 @@ def rerun_date(experiment: str, preset_name: str, reported_at: str) -> str:
 def find_reruns(store, preset_name: str, exclude: str) -> list[Rerun]:
     """Every experiment in the store, except `exclude`, whose finished report says `preset_name` produced it."""
     names = [n for n in store.list_names("") if n != exclude]
-    records = store.read_many([f"{n}/report/{RECORD_FILE}" for n in names])
+    records = store.read_many([f"{layout.report_dir(n)}/{RECORD_FILE}" for n in names])
     found = []
     for path, data in records.items():
         experiment = path.split("/", 1)[0]
@@ -129,7 +132,7 @@ def find_reruns(store, preset_name: str, exclude: str) -> list[Rerun]:
         if not isinstance(said, dict) or said.get("preset") != preset_name:
             continue
         try:
-            summary = pd.read_parquet(io.BytesIO(store.read_bytes(f"{experiment}/report/{SUMMARY_FILE}")))
+            summary = pd.read_parquet(io.BytesIO(store.read_bytes(f"{layout.report_dir(experiment)}/{SUMMARY_FILE}")))
         except FileNotFoundError:
             continue  # report still being uploaded
         reported_at = str(said.get(REPORTED_AT, ""))
@@ -255,7 +258,7 @@ def rerun_figure(table: pd.DataFrame, reruns: list[Rerun], preset_name: str, pat
             color = IMITATOR_COLORS[i % len(IMITATOR_COLORS)]
             label = f"{test}: {group}, cutoff {cutoff:g}, {variant}"
             for ax, metric in ((left, FINAL_IMITATOR), (right, MARGIN[test])):
-                errorbars(ax, line, metric, color, label)
+                errorbars(ax, line[ORDER], line, metric, color=color, label=label)
         left.set_ylabel(f"{env}\nimitator final return")
         right.set_ylabel("verdict margin (return)")
         right.axhline(0.0, color="black", linestyle=":", linewidth=1.0)
@@ -276,13 +279,7 @@ def rerun_figure(table: pd.DataFrame, reruns: list[Rerun], preset_name: str, pat
     return path
 
 
-def errorbars(ax, line: pd.DataFrame, metric: str, color: str, label: str) -> None:
-    e, low, high = (line[c].to_numpy(dtype=np.float64) for c in (metric, metric + LOW, metric + HIGH))
-    errors = np.nan_to_num(np.vstack([e - low, high - e]), nan=0.0).clip(min=0)  # no CI (one seed): no bar
-    ax.errorbar(line[ORDER], e, yerr=errors, marker="o", capsize=3, color=color, label=label)
-
-
-# --- entry point (called by report.report) -------------------------------------------------------
+# --- entry point (called by the report stage, pipeline/report/stage.py) --------------------------
 
 
 def across_reruns(store, preset: Preset, experiment: str, summary: pd.DataFrame, out_dir: str,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 from dataclasses import field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +19,11 @@ import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
+from pipeline.arms import ARMS
 from pipeline.envs import make_env
+from pipeline.errors import BadInput, ConfigError
+from pipeline.layout import check_name
+from pipeline.plan import cutoff_steps, group_cutoff_steps, imitator_cutoffs, teacher_id
 from pipeline.teachers import ALGORITHMS, algo_config
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "jobs" / "presets"  # in a checkout
@@ -29,12 +32,7 @@ SMOKE_BUDGET = 400  # env steps per teacher under --smoke
 SMOKE_TRAIN_STEPS = 10  # optimizer steps per imitator under --smoke
 SMOKE_CONTEXT = 32  # context steps of the smoke imitators
 SMOKE_HORIZON = 200  # env steps per evaluation arm under --smoke
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _STRICT = ConfigDict(extra="forbid")
-
-
-class ConfigError(ValueError):
-    """A preset or an override is invalid; the message names the key and the value."""
 
 
 @dataclass(config=_STRICT)
@@ -44,9 +42,9 @@ class TeacherGroup:
     env: str  # Gymnasium env id, e.g. DarkRoom-v0, CartPole-v1, ALE/Breakout-v5
     algo: str  # a key of pipeline.teachers.ALGORITHMS
     budget: int = Field(gt=0)  # env steps in each teacher's life
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     env_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to gym.make for every task
-    tasks: list[dict[str, Any]] = field(default_factory=lambda: [{}])  # per-task gym.make kwargs
+    tasks: list[dict[str, Any]] = Field(default_factory=lambda: [{}], min_length=1)  # per-task gym.make kwargs
     heldout_tasks: list[dict[str, Any]] = field(default_factory=list)  # never collected: for transfer tests
     heldout_envs: list[str] = field(default_factory=list)  # env ids never collected: transfer targets
     algo_config: dict[str, Any] = field(default_factory=dict)  # the algorithm's typed config
@@ -103,10 +101,10 @@ class ImitatorGroup:
     teacher's history: no episodes are subsampled.
     """
 
-    teachers: list[str]  # collect group names; all on one env
-    cutoffs: list[float] | None = None  # fractions of the budget; None: collect.cutoffs. 1.0: full histories
-    sizes: dict[str, ModelSize] = field(default_factory=lambda: {"small": ModelSize()})
-    context_steps: list[int] = field(default_factory=lambda: [64])  # steps the transformer attends to
+    teachers: list[str] = Field(min_length=1)  # collect group names; all on one env
+    cutoffs: list[float] | None = Field(None, min_length=1)  # fractions of the budget; None: collect.cutoffs. 1.0: full histories
+    sizes: dict[str, ModelSize] = Field(default_factory=lambda: {"small": ModelSize()}, min_length=1)
+    context_steps: list[int] = Field(default_factory=lambda: [64], min_length=1)  # steps the transformer attends to
     frame_stack: int = Field(4, gt=0)  # image observations: frames per token
     # Steps per training window; None: context_steps. Attention spans context_steps steps per layer
     # (sliding window, pipeline/model.py), so rollouts past the context reach back further through
@@ -140,12 +138,9 @@ class TrainConfig:
     max_failures: int = Field(3, ge=0)  # worker failures an imitator's training survives
 
 
-ARMS = ("imitator", "teacher", "snapshot", "random")
-
-
 @dataclass(config=_STRICT)
 class EvaluateGroup:
-    """The tests run with one imitator group (see DESIGN.md): every cutoff below 1.0 of the group
+    """The tests run with one imitator group (docs/design.md): every cutoff below 1.0 of the group
     gets the extrapolation test on its teachers' own tasks; if the teacher group has held-out
     tasks or envs, every cutoff (1.0 included: the positive control) gets the transfer test there,
     against a teacher learning them from scratch."""
@@ -153,16 +148,16 @@ class EvaluateGroup:
     horizon: int = Field(gt=0)  # env steps each arm runs after the cutoff
     teachers: int | None = Field(None, gt=0)  # extrapolation: the first N teachers of the group; None: all
     heldout: int | None = Field(None, ge=0)  # transfer: the first N held-out tasks (or envs); None: all
-    contexts: list[Literal["primed", "empty"]] = field(default_factory=lambda: ["primed"])  # extrapolation imitators
-    heldout_seeds: list[int] = field(default_factory=lambda: [0])  # transfer: runs per held-out task
+    contexts: list[Literal["primed", "empty"]] = Field(default_factory=lambda: ["primed"], min_length=1)  # extrapolation imitators
+    heldout_seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)  # transfer: runs per held-out task
 
 
 @dataclass(config=_STRICT)
 class EvaluateConfig:
     imitators: dict[str, EvaluateGroup] = field(default_factory=dict)  # keyed by train.imitators group
     max_concurrent_trials: int | None = Field(None, gt=0)  # None: as many as the cluster's CPUs fit
-    # What each trial asks Ray for, per arm (imitator, teacher, snapshot, random); unlisted arms: 1 CPU.
-    trial_resources: dict[Literal["imitator", "teacher", "snapshot", "random"], Resources] = field(default_factory=dict)
+    # What each trial asks Ray for, per arm (a key of pipeline.arms.ARMS); unlisted arms: 1 CPU.
+    trial_resources: dict[str, Resources] = field(default_factory=dict)
     max_failures: int = Field(2, ge=0)  # retries of a failed trial
     window: int = Field(10, gt=0)  # W: episodes averaged by the metrics
 
@@ -219,24 +214,6 @@ class Preset:
                        evaluate=replace(self.evaluate, imitators=tests, trial_resources={}))
 
 
-def cutoff_steps(budget: int, cutoffs: list[float], granularity: int) -> dict[int, float]:
-    """Step of each cutoff fraction, rounded to whole training iterations; the end is cutoff 1.0."""
-    steps = {granularity * round(c * budget / granularity): c for c in cutoffs}
-    return steps | {budget: 1.0}
-
-
-def task_id(task: dict[str, Any]) -> str:
-    """Path-safe name of a task: {"goal": [2, 7]} -> "goal2x7"; {} -> "default"."""
-    if not task:
-        return "default"
-    flat = lambda v: "x".join(flat(x) for x in v) if isinstance(v, (list, tuple)) else str(v)  # noqa: E731
-    return re.sub(r"[^A-Za-z0-9_.x-]", "_", "_".join(f"{key}{flat(value)}" for key, value in sorted(task.items())))
-
-
-def teacher_id(group: str, task: dict[str, Any], seed: int) -> str:
-    return f"{group}-s{seed}" if not task else f"{group}-{task_id(task)}-s{seed}"
-
-
 # --- loading ---
 
 
@@ -272,16 +249,22 @@ def load_preset(name_or_path: str, overrides: list[str] = (), smoke: bool = Fals
     raw.setdefault("name", path.stem)
     for override in overrides:
         apply_override(raw, override)
-    preset = parse_preset(raw, str(path))
-    return validate(preset.smoke() if smoke else preset)
+    preset = parse_preset(raw, str(path), overrides)
+    try:
+        return validate(preset.smoke() if smoke else preset)
+    except ConfigError as error:
+        raise ConfigError(_blame(str(error), overrides, str(error))) from None
 
 
 def apply_override(raw: dict, override: str) -> None:
     """Apply one --set key.path=value (value parsed as YAML) to the raw preset mapping."""
     key, sep, text = override.partition("=")
-    if not sep or not key:
+    if not sep or not key or "" in key.split("."):
         raise ConfigError(f"--set expects key.path=value, got {override!r}")
-    value = yaml.safe_load(text) if text else ""
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {override}: the value is not valid YAML ({' '.join(str(error).split())})") from None
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
@@ -294,11 +277,23 @@ def apply_override(raw: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
-def parse_preset(raw: dict, source: str) -> Preset:
+def parse_preset(raw: dict, source: str, overrides: list[str] = ()) -> Preset:
     try:
         return TypeAdapter(Preset).validate_python(raw)
     except ValidationError as error:
-        raise ConfigError(f"preset {source}: " + "; ".join(_describe(e) for e in error.errors())) from None
+        problems = [_describe(e) for e in error.errors()]
+        raise ConfigError("; ".join(_blame(p, overrides, f"preset {source}: {p}") for p in problems)) from None
+
+
+def _blame(problem: str, overrides: list[str], otherwise: str) -> str:
+    """`problem` ("key.path: what is wrong") prefixed with the --set override that wrote that key,
+    if one did; else `otherwise` (the preset file is the culprit)."""
+    key = problem.split(":", 1)[0].strip()
+    for override in reversed(overrides):  # the last override of a key is the one that counts
+        set_key = override.partition("=")[0]
+        if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
+            return f"--set {override}: {problem}"
+    return otherwise
 
 
 def _describe(error: dict) -> str:
@@ -314,6 +309,7 @@ def _describe(error: dict) -> str:
 
 
 def validate(preset: Preset) -> Preset:
+    _check_name("name", preset.name)
     collect = preset.collect
     if not collect.teachers:
         raise ConfigError("collect.teachers: no teacher groups")
@@ -337,18 +333,37 @@ def validate(preset: Preset) -> Preset:
         if group.horizon % algo_config(teachers.algo, teachers.algo_config).granularity:
             raise ConfigError(f"evaluate.imitators.{name}.horizon: {group.horizon} is not a whole number of "
                               f"{teachers.algo} training iterations")
+        _check_runs_a_test(f"evaluate.imitators.{name}", group, preset.train.imitators[name], teachers, preset)
+    for arm in preset.evaluate.trial_resources:
+        if arm not in ARMS:
+            raise ConfigError(f"evaluate.trial_resources.{arm}: unknown arm; known: {', '.join(ARMS)}")
     if any(g.batch_size % preset.train.num_workers for g in preset.train.imitators.values()):
         raise ConfigError(f"train.num_workers: {preset.train.num_workers} workers must divide every imitator batch_size")
     return preset
 
 
-def imitator_cutoffs(imitators: ImitatorGroup, collect: CollectConfig) -> list[float]:
-    return imitators.cutoffs if imitators.cutoffs is not None else collect.cutoffs
+def _check_name(key: str, name: str) -> None:
+    try:
+        check_name(key, name)
+    except BadInput as error:
+        raise ConfigError(str(error)) from None
+
+
+def _check_runs_a_test(key: str, test: EvaluateGroup, imitators: ImitatorGroup, teachers: TeacherGroup,
+                       preset: Preset) -> None:
+    """An evaluation group that would run no trial is a mistake, not an empty report."""
+    cutoffs = imitator_cutoffs(imitators, preset.collect)
+    extrapolation = any(c < 1.0 for c in cutoffs)
+    transfer = test.heldout != 0 and bool(teachers.heldout_tasks or teachers.heldout_envs)
+    if not (extrapolation or transfer):
+        raise ConfigError(f"{key}: runs no test: its imitators' cutoffs {cutoffs} have no extrapolation test (cutoff "
+                          "1.0 is the full history) and there are no held-out tasks or envs to transfer to")
 
 
 def _check_imitators(key: str, name: str, imitators: ImitatorGroup, preset: Preset) -> None:
-    if not _NAME.match(name):
-        raise ConfigError(f"{key}: imitator group names may use letters, digits, '_', '.' and '-' only")
+    _check_name(key, name)
+    for size_name in imitators.sizes:
+        _check_name(f"{key}.sizes.{size_name}", size_name)
     groups = preset.collect.teachers
     if not imitators.teachers:
         raise ConfigError(f"{key}.teachers: name at least one collect group")
@@ -369,22 +384,15 @@ def _check_imitators(key: str, name: str, imitators: ImitatorGroup, preset: Pres
     if not imitators.sizes or not imitators.context_steps or min(imitators.context_steps) < 1:
         raise ConfigError(f"{key}: needs at least one size and positive context_steps")
     for group in imitators.teachers:
-        teachers = groups[group]
-        unit = algo_config(teachers.algo, teachers.algo_config).granularity
-        for cutoff, step in _cutoff_steps_of(teachers, unit, preset.collect.cutoffs).items():
+        for cutoff, step in group_cutoff_steps(groups[group], preset.collect.cutoffs).items():
             longest = max(imitators.window_steps or 0, *imitators.context_steps)
             if cutoff in imitator_cutoffs(imitators, preset.collect) and step < longest + imitators.frame_stack:
                 raise ConfigError(f"{key}: training windows of {longest} steps do not fit in the "
                                   f"{step} steps group {group!r} has before cutoff {cutoff}")
 
 
-def _cutoff_steps_of(group: TeacherGroup, unit: int, cutoffs: list[float]) -> dict[float, int]:
-    return {fraction: step for step, fraction in cutoff_steps(group.budget, cutoffs, unit).items()}
-
-
 def _check_group(key: str, name: str, group: TeacherGroup, cutoffs: list[float]) -> None:
-    if not _NAME.match(name):
-        raise ConfigError(f"{key}: group names may use letters, digits, '_', '.' and '-' only")
+    _check_name(key, name)
     _check_env_id(f"{key}.env", group.env)
     if group.algo not in ALGORITHMS:
         raise ConfigError(f"{key}.algo: unknown algorithm {group.algo!r}; known: {', '.join(ALGORITHMS)}")

@@ -1,11 +1,11 @@
 """One teacher's history and checkpoints in the store, and the protocol that commits them.
 
-Layout, relative to the experiment root:
+Layout, relative to the experiment root (paths from pipeline/layout.py):
 
     histories/env={env}/teacher={id}/part-{first_step:012d}.parquet   committed shards
     histories/env={env}/teacher={id}/_part-{first_step:012d}.parquet  staged, not yet committed
     histories/env={env}/teacher={id}/_manifest.json                    the commit record
-    histories/env={env}/teacher={id}/_teacher.json                     what the teacher is (collect.TeacherSpec)
+    histories/env={env}/teacher={id}/_teacher.json                     what the teacher is (plan.TeacherSpec)
     teachers/{id}/step={t}/                                            checkpoints
 
 Commit protocol; the manifest is the only commit point:
@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import fnmatch
 import posixpath
-from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import layout
+from pipeline.errors import PipelineError
 from pipeline.schema import COLUMNS, CheckpointEntry, Manifest, SchemaError, ShardEntry, check_schema
 from pipeline.store import Store
 
-MANIFEST = "_manifest.json"
-SPEC = "_teacher.json"
+MANIFEST = layout.MANIFEST_FILE
 # Files this protocol writes into a teacher's folder; recover() never touches anything else.
 _OURS = ("part-*.parquet", "_part-*.parquet", ".*.tmp")
 # Monotone counters are stored as deltas (a fraction of the bytes and the time of dictionaries);
@@ -51,7 +51,7 @@ def _is_ours(name: str) -> bool:
     return any(fnmatch.fnmatch(name, pattern) for pattern in _OURS)
 
 
-class HistoryError(RuntimeError):
+class HistoryError(PipelineError):
     """Committed history is missing or unreadable; the message names the file."""
 
 
@@ -59,16 +59,11 @@ def shard_name(first_step: int) -> str:
     return f"part-{first_step:012d}.parquet"
 
 
-def histories_dir(experiment: str) -> str:
-    return f"{experiment}/histories"
-
-
 class TeacherHistory:
     def __init__(self, store: Store, experiment: str, env_id: str, teacher_id: str):
         self.store, self.experiment, self.teacher_id = store, experiment, teacher_id
-        # Env ids such as ALE/Breakout-v5 are URI-encoded; pyarrow and DuckDB decode hive values.
-        self.dir = f"{histories_dir(experiment)}/env={quote(env_id, safe='')}/teacher={teacher_id}"
-        self.checkpoints = f"teachers/{teacher_id}"  # relative to the experiment, as the manifest lists them
+        self.dir = layout.history_dir(experiment, env_id, teacher_id)
+        self.checkpoints = layout.teacher_checkpoints(teacher_id)  # relative to the experiment, as the manifest lists them
         self.checkpoints_dir = f"{experiment}/{self.checkpoints}"
 
     def path(self, name: str) -> str:
@@ -76,11 +71,11 @@ class TeacherHistory:
 
     def checkpoint_entry(self, step: int, cutoff: float | None) -> CheckpointEntry:
         """The checkpoint taken after `step` env steps; its path is relative to the experiment."""
-        return CheckpointEntry(step=step, path=f"{self.checkpoints}/step={step}", cutoff=cutoff)
+        return CheckpointEntry(step=step, path=layout.teacher_checkpoint(self.teacher_id, step), cutoff=cutoff)
 
     def checkpoint_path(self, step: int) -> str:
         """Store path of the checkpoint taken after `step` env steps."""
-        return f"{self.checkpoints_dir}/step={step}"
+        return f"{self.experiment}/{layout.teacher_checkpoint(self.teacher_id, step)}"
 
     # --- reading ---
 

@@ -1,4 +1,4 @@
-"""Every metric of DESIGN.md ("Metrics"), as pure functions of learning curves; no Ray, no I/O.
+"""Every metric of docs/design.md ("Metrics"), as pure functions of learning curves; no Ray, no I/O.
 
     curve = Curve.from_results(trial_frame)                  # one evaluation trial's Tune results
     row = per_seed_metrics(history, teacher, imitator, snapshot, cutoff_step=c, horizon_steps=H)

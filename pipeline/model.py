@@ -32,9 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.teachers.rllib_config import NATURE_CNN
+
 OBS_KINDS = ("discrete", "vector", "image")  # the names of pipeline.schema.ObsEncoding.kind
-# Nature-DQN conv stack: (out_channels, kernel, stride) per layer.
-NATURE_CONVS = ((32, 8, 4), (64, 4, 2), (64, 3, 1))
 ROPE_BASE = 10000.0
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ class ModelArgs:
 def conv_min_side() -> int:
     """Smallest frame side the Nature conv stack accepts (36)."""
     side = 1
-    for _, kernel, stride in reversed(NATURE_CONVS):
+    for _, kernel, stride in reversed(NATURE_CNN):
         side = (side - 1) * stride + kernel
     return side
 
@@ -233,7 +233,7 @@ class FrameStackEncoder(nn.Module):
         super().__init__()
         layers, channels, (h, w) = [], frame_stack, frame_shape
         self.conv_macs = 0  # multiply-accumulates per observation, for flops_per_step
-        for out_channels, kernel, stride in NATURE_CONVS:
+        for out_channels, kernel, stride in NATURE_CNN:
             layers += [nn.Conv2d(channels, out_channels, kernel, stride), nn.ReLU()]
             h, w = (h - kernel) // stride + 1, (w - kernel) // stride + 1
             self.conv_macs += h * w * out_channels * channels * kernel * kernel

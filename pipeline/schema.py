@@ -1,7 +1,9 @@
 """The history contract: column names and types, observation encodings, schema version, manifest.
 
 One row is one transition a teacher acted in. Later stages, external readers and checks rely on
-these names (see DESIGN.md, "Storage layout"); nothing else in the package spells them out.
+these names (docs/design.md, "Storage layout"). They are defined here; the modules that read a
+few columns by name (train's READ_COLUMNS, evaluate's priming, the report's teacher curves) use
+the same strings, so renaming a column is a change of SCHEMA_VERSION.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 import gymnasium as gym
 import numpy as np
 import pyarrow as pa
+
+from pipeline.errors import PipelineError
 
 SCHEMA_VERSION = 1
 VERSION_KEY = b"cutoff.schema_version"
@@ -40,7 +44,7 @@ STEP_COLUMNS = {
 COLUMNS = tuple(IDENTITY_COLUMNS) + tuple(STEP_COLUMNS)
 
 
-class SchemaError(ValueError):
+class SchemaError(PipelineError, ValueError):
     """A shard or manifest does not follow this module's contract."""
 
 

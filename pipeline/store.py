@@ -19,14 +19,16 @@ import fsspec
 import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.errors import BadInput
+
 # Several processes write one prefix, so no cached listings; and no cached instances, so a
 # Store made after the AWS variables change uses the new ones.
 _S3_OPTIONS = {"use_listings_cache": False, "skip_instance_cache": True}
 _OPTIONS_BY_PROTOCOL = {"s3": _S3_OPTIONS, "s3a": _S3_OPTIONS}
 
 
-class StoreError(RuntimeError):
-    """The store cannot be used; the message names the URI and the reason."""
+class StoreError(BadInput):
+    """The store cannot be used, or a path would leave it; the message names the URI and the reason."""
 
 
 class Store:
@@ -51,7 +53,10 @@ class Store:
         return isinstance(self.fs, LocalFileSystem)
 
     def full(self, path: str = "") -> str:
-        """Filesystem path (no protocol) of `path`, for fsspec, pyarrow or Ray Data."""
+        """Filesystem path (no protocol) of `path`, for fsspec, pyarrow or Ray Data. A path that
+        would leave the store (absolute, or with a '..' segment) is refused."""
+        if path.startswith("/") or ".." in path.split("/"):
+            raise StoreError(f"path {path!r} would leave the store {self.uri!r}")
         return posixpath.join(self.root, path) if path else self.root
 
     def url(self, path: str = "") -> str:

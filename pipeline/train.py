@@ -22,7 +22,6 @@ import math
 import os
 import tempfile
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -33,94 +32,25 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from pipeline.collect import TeacherSpec, teacher_specs
-from pipeline.config import ConfigError, ImitatorGroup, Preset, TrainConfig, cutoff_steps, imitator_cutoffs
-from pipeline.envs import make_env
-from pipeline.history import HistoryError, TeacherHistory
+from pipeline import layout
+from pipeline.config import Preset, TrainConfig
+from pipeline.errors import PipelineError
+from pipeline.history import TeacherHistory
 from pipeline.model import Imitator, ModelArgs
+from pipeline.plan import ImitatorSpec, imitator_specs
 from pipeline.runtime import ensure_ray
 from pipeline.schema import ObsEncoding, check_schema
 from pipeline.store import Store
-from pipeline.teachers import algo_config
 from pipeline.windows import make_windows
 
 CHECKPOINT_FILE = "imitator.pt"
-SPEC_FILE = "_imitator.json"  # what the imitator is; a rerun with other settings is refused
-DONE_FILE = "_done.json"  # written once training finished: final metrics and checkpoint path
 READ_COLUMNS = ["teacher_id", "step", "episode_step", "obs", "action", "reward"]
 VAL_BATCHES = 8  # batches of held-out windows per validation
 MAX_REPEAT_BYTES = 256 * 2**20  # largest block of repeated windows read_plan makes
 
 
-class TrainError(RuntimeError):
+class TrainError(PipelineError):
     """An imitator cannot be trained from what is in the store; the message names the data at fault."""
-
-
-@dataclass(frozen=True)
-class ImitatorSpec:
-    """One imitator: a group of teachers, a cutoff, a model size and a context length."""
-
-    group: str
-    name: str  # {group}-{size}-ctx{context_steps}
-    cutoff: float
-    cutoff_step: int  # rows with step < cutoff_step are its training data
-    env_id: str
-    model_args: dict[str, Any]  # ModelArgs as a dict
-    hparams: dict[str, Any]  # the ImitatorGroup's training settings
-    train_teachers: tuple[str, ...]
-    val_teachers: tuple[str, ...]
-
-    def dir(self, experiment: str) -> str:
-        return f"{imitators_dir(experiment, self.cutoff)}/{self.name}"
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
-
-
-def imitators_dir(experiment: str, cutoff: float) -> str:
-    return f"{experiment}/imitators/cutoff={cutoff:g}"
-
-
-def held_out(teacher_ids: list[str], fraction: float) -> set[str]:
-    """A fixed share of teachers for validation, chosen by a hash of their ids (stable across runs)."""
-    if fraction == 0 or len(teacher_ids) < 2:
-        return set()
-    count = min(len(teacher_ids) - 1, max(1, round(fraction * len(teacher_ids))))
-    return set(sorted(teacher_ids, key=lambda t: zlib.crc32(t.encode()))[:count])
-
-
-def model_args_for(env_id: str, env_kwargs: dict, group: ImitatorGroup, size, context_steps: int) -> ModelArgs:
-    env = make_env(env_id, **env_kwargs)
-    try:
-        encoding = ObsEncoding.for_space(env.observation_space)
-        n_actions = int(env.action_space.n)
-    finally:
-        env.close()
-    return ModelArgs(obs_kind=encoding.kind, obs_shape=tuple(encoding.shape), obs_n=encoding.n, n_actions=n_actions,
-                     n_layer=size.n_layer, n_head=size.n_head, n_embd=size.n_embd, dropout=size.dropout,
-                     context_steps=context_steps, frame_stack=group.frame_stack if encoding.kind == "image" else 1)
-
-
-def imitator_specs(preset: Preset) -> list[ImitatorSpec]:
-    teachers = teacher_specs(preset)
-    specs = []
-    for name, group in preset.train.imitators.items():
-        members = [t for t in teachers if t.group in group.teachers]
-        validation = held_out([t.teacher_id for t in members], group.val_fraction)
-        first = preset.collect.teachers[group.teachers[0]]
-        unit = algo_config(first.algo, first.algo_config).granularity
-        steps = {fraction: step for step, fraction in cutoff_steps(first.budget, preset.collect.cutoffs, unit).items()}
-        hparams = {k: v for k, v in asdict(group).items() if k not in ("teachers", "cutoffs", "sizes", "context_steps")}
-        for cutoff in imitator_cutoffs(group, preset.collect):
-            for size_name, size in group.sizes.items():
-                for context in group.context_steps:
-                    args = model_args_for(first.env, members[0].env_kwargs, group, size, context)
-                    specs.append(ImitatorSpec(
-                        group=name, name=f"{name}-{size_name}-ctx{context}", cutoff=cutoff, cutoff_step=steps[cutoff],
-                        env_id=first.env, model_args=asdict(args), hparams=hparams,
-                        train_teachers=tuple(t.teacher_id for t in members if t.teacher_id not in validation),
-                        val_teachers=tuple(t.teacher_id for t in members if t.teacher_id in validation)))
-    return specs
 
 
 # --- data ---
@@ -338,17 +268,19 @@ def train(preset: Preset, store: Store, experiment: str, log: Callable[[str], No
     if not specs:
         log("train: the preset lists no imitators (train.imitators)")
         return []
-    store.check_writable(f"{experiment}/imitators")
+    store.check_writable(layout.imitators_dir(experiment))
     results, todo = [], []
     for spec in specs:
-        done = _stored(store, f"{spec.dir(experiment)}/{DONE_FILE}")
-        _check_same_spec(store, experiment, spec)
+        done = _stored(store, f"{spec.dir(experiment)}/{layout.DONE_FILE}")
+        layout.record_settings(store, f"{spec.dir(experiment)}/{layout.IMITATOR_SPEC_FILE}", spec.settings(),
+                               what=f"imitator {spec.name} at cutoff {spec.cutoff:g} trained", experiment=experiment,
+                               upgrade=lambda old: ImitatorSpec.from_dict(old).settings())
         (results.append(json.loads(done)) if done else todo.append(spec))
     for spec in todo:  # check all data before training any
         shard_paths(store, experiment, spec, spec.train_teachers + spec.val_teachers)
     if todo:
         results += fit_imitators(preset, store, experiment, todo, log)
-    log(f"train: done: {len(specs)} imitators in {store.url(f'{experiment}/imitators')}")
+    log(f"train: done: {len(specs)} imitators in {store.url(layout.imitators_dir(experiment))}")
     return results
 
 
@@ -398,7 +330,7 @@ def fit_imitator(preset: Preset, store: Store, experiment: str, spec: ImitatorSp
                            "store": store, "tensorboard_path": f"{spec.dir(experiment)}/tensorboard"},
         scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=use_gpu(settings.use_gpu),
                                      resources_per_worker={"CPU": settings.cpus_per_worker}),
-        run_config=RunConfig(name=spec.name, storage_path=store.full(imitators_dir(experiment, spec.cutoff)),
+        run_config=RunConfig(name=spec.name, storage_path=store.full(layout.imitators_dir(experiment, spec.cutoff)),
                              storage_filesystem=store.arrow_fs, failure_config=FailureConfig(max_failures=settings.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
@@ -406,7 +338,7 @@ def fit_imitator(preset: Preset, store: Store, experiment: str, spec: ImitatorSp
     )
     result = trainer.fit()
     final = {**result.metrics, "imitator": spec.name, "cutoff": spec.cutoff, "checkpoint": result.checkpoint.path}
-    store.write_bytes(f"{spec.dir(experiment)}/{DONE_FILE}", json.dumps(final, indent=1).encode())
+    store.write_bytes(f"{spec.dir(experiment)}/{layout.DONE_FILE}", json.dumps(final, indent=1).encode())
     return final
 
 
@@ -420,13 +352,3 @@ def _stored(store: Store, path: str) -> bytes | None:
         return store.read_bytes(path)
     except FileNotFoundError:
         return None
-
-
-def _check_same_spec(store: Store, experiment: str, spec: ImitatorSpec) -> None:
-    path = f"{spec.dir(experiment)}/{SPEC_FILE}"
-    old = _stored(store, path)
-    if old is None:
-        store.write_bytes(path, spec.to_json())
-    elif json.loads(old) != json.loads(spec.to_json()):
-        raise ConfigError(f"experiment {experiment!r} already holds imitator {spec.name} at cutoff {spec.cutoff:g} "
-                          "trained with other settings; use another --experiment, or the settings it was started with")

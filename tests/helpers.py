@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pyarrow.dataset as ds
 
-from pipeline.collect import TeacherSpec
+from pipeline.plan import TeacherSpec
 from pipeline.store import Store
 from pipeline.teachers import make_teacher
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipeline.collect import teacher_specs
+from pipeline.plan import teacher_specs
 from pipeline.config import load_preset
 from pipeline.store import Store
 
@@ -33,6 +33,10 @@ def cli(*args, env=None, **kwargs):
     (["--set", "collect.teachers.darkroom.budget=-1"], {}, "collect.teachers.darkroom.budget: Input should be greater than 0"),
     (["--store", "s3://cutoff-bucket/x"], UNREACHABLE, "cannot reach the store's server (http://127.0.0.1:9)"),
     (["--store", "s3://cutoff-bucket/x"], {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "no credentials found"),
+    (["--set", "evaluate.imitators.darkroom.contexts=[]"], {},
+     "--set evaluate.imitators.darkroom.contexts=[]: evaluate.imitators.darkroom.contexts: List should have at least 1 item"),
+    (["--experiment", "../escape"], {}, "--experiment: '../escape' is not a usable name"),
+    (["--experiment", "/tmp/elsewhere"], {}, "--experiment: '/tmp/elsewhere' is not a usable name"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_status_2(args, env, message, tmp_path):
     result = cli("collect", "--preset", "smoke", "--store", str(tmp_path), *args, env=env)
@@ -40,6 +44,22 @@ def test_bad_input_is_one_clear_line_and_exit_status_2(args, env, message, tmp_p
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cutoff: error:") and message in lines[0], result.stderr
     assert not any(tmp_path.iterdir())  # nothing was written
+    assert not os.path.exists(tmp_path.parent / "escape")
+
+
+def test_a_damaged_trial_result_fails_the_report_with_one_line_naming_it(trained, tmp_path):
+    import shutil
+
+    from pipeline.evaluate import evaluate
+
+    shutil.copytree(trained[0] / "exp", tmp_path / "exp")
+    evaluate(trained[1], Store(str(tmp_path)), "exp", log=lambda line: None)
+    damaged = next((tmp_path / "exp" / "tune").glob("*/result.json"))
+    damaged.write_text(damaged.read_text()[:-20])  # a result cut short mid-line
+    result = cli("report", "--preset", "smoke", "--store", str(tmp_path), "--experiment", "exp")
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cutoff: error:") and str(damaged) in lines[0], result.stderr
 
 
 def test_killed_collect_process_then_same_command_gives_one_clean_timeline(ray_address, tmp_path):

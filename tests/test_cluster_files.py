@@ -285,6 +285,23 @@ def one_service_account(name: str) -> dict:
     return doc
 
 
+def header_commands(path: Path) -> list[list[str]]:
+    """The shell commands in the comment a file starts with, as words (line continuations joined,
+    trailing comments and what follows a pipe or ; left out)."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:])
+    commands = []
+    for line in "\n".join(lines).replace("\\\n", " ").splitlines():
+        if re.match(r"\s+(kubectl|ray|python|export)\b", line):
+            words = shlex.split(re.sub(r"\$\([^)]*\)", "SUBSTITUTED", line), comments=True)
+            cut = [i for i, word in enumerate(words) if word in ("|", ";", "&&")]
+            commands.append(words[: cut[0]] if cut else words)
+    return commands
+
+
 # --- jobs/schedule/cronjob.yaml: the batch/v1 CronJob fallback, by hand ---------------------------
 
 CRON_FIELDS = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)]  # minute hour day-of-month month day-of-week
@@ -362,10 +379,17 @@ def test_cronjob_fields(kuberay_defs):
     volumes = {v["name"]: v for v in pod["volumes"]}
     (name,) = [n for n in mounted if box["command"][3].startswith(mounted[n] + "/")]
     configmap = volumes[name]["configMap"]["name"]
-    # The ConfigMap is made from rayjob.yaml by the command in the file's header.
-    header = (SCHEDULE / "cronjob.yaml").read_text()
-    expected = f"create configmap {configmap} --from-file={Path(box['command'][3]).name}=cluster/kuberay/rayjob.yaml"
-    assert expected in header.replace("\\\n", "").replace("  ", " ")
+    # The ConfigMap is made by the `kubectl create configmap` command the file's header gives: it must
+    # create that ConfigMap, holding rayjob.yaml's RayJob under the key the pod's command reads.
+    (create,) = [words for words in header_commands(SCHEDULE / "cronjob.yaml") if words[:3] == ["kubectl", "create", "configmap"]]
+    assert create[3] == configmap
+    (source,) = [word.split("=", 1)[1] for word in create if word.startswith("--from-file=")]
+    key, path = source.split("=", 1)
+    assert f"{mounted[name]}/{key}" == box["command"][3]
+    assert documents(ROOT / path) == documents(KUBERAY / "rayjob.yaml")
+    # ... and the header's run-it-now command starts a job from this CronJob.
+    (now,) = [words for words in header_commands(SCHEDULE / "cronjob.yaml") if words[:3] == ["kubectl", "create", "job"]]
+    assert f"--from=cronjob/{doc['metadata']['name']}" in now
 
 
 def test_cronjob_may_only_create_rayjobs():
@@ -492,10 +516,26 @@ def test_images_are_one_image_with_a_gpu_variant():
         match = IMAGE.match(image)
         assert match, f"{where}: {image} is not the project's image"
         assert bool(match.group("gpu")) == gpu, f"{where}: {image} on a {'GPU' if gpu else 'CPU'} node"
-    dockerfile = ROOT / "docker" / "Dockerfile"
-    if dockerfile.is_file():  # the image is built on the Ray release the manifests and this venv use
-        text = dockerfile.read_text()
-        assert "FROM rayproject/ray:" in text and re.search(rf"\b{re.escape(ray.__version__)}-py3\d+-", text)
+    # The image is built on the Ray release the manifests and this venv use.
+    base = dockerfile_base_image()
+    python_tag = f"py{sys.version_info.major}{sys.version_info.minor}"
+    assert base == f"rayproject/ray:{ray.__version__}-{python_tag}-cpu", base
+
+
+def dockerfile_base_image(path: Path = ROOT / "docker" / "Dockerfile") -> str:
+    """The image docker/Dockerfile builds FROM by default: its first FROM instruction with the ARG
+    defaults declared before it substituted (comments are not instructions)."""
+    assert path.is_file(), f"{rel(path)} is missing: the cluster files name the image it builds"
+    defaults = {}
+    for line in path.read_text().splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0].upper() == "ARG" and "=" in words[1]:
+            defaults.setdefault(*words[1].split("=", 1))
+        elif words[0].upper() == "FROM":
+            return re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], words[1])
+    raise AssertionError(f"{rel(path)} has no FROM instruction")
 
 
 SECRETS = [
@@ -545,14 +585,41 @@ def test_dashboards_are_not_exposed():
         assert not head.get("enableIngress", False)
         assert head["rayStartParams"].get("dashboard-host") in (None, "127.0.0.1", "localhost")
         assert spec["authOptions"]["mode"] == "token", "the dashboard and GCS ask for KubeRay's token"
-    # Inside the pod KubeRay binds the dashboard to all interfaces (for the ClusterIP service):
-    # documented in raycluster.yaml, with the port-forward that reaches it.
-    header = (KUBERAY / "raycluster.yaml").read_text()
-    assert "kubectl port-forward" in header and "ClusterIP" in header
-    for path in FILES:
-        text = path.read_text()
-        assert not re.search(r"dashboard-host\W+0\.0\.0\.0", text), rel(path)
-        assert "LoadBalancer" not in text.replace("no LoadBalancer", ""), rel(path)
+    for path in FILES:  # no field or command anywhere opens a service or the dashboard to the outside
+        for where, value in leaves(documents(path), rel(path)):
+            assert value not in ("LoadBalancer", "NodePort"), where
+            assert not re.search(r"dashboard-host\W+0\.0\.0\.0", str(value)), where
+            assert not (where.endswith(("dashboard-host", "dashboard_host")) and value == "0.0.0.0"), where
+
+
+def leaves(node, where: str):
+    """(where, value) of every scalar in a parsed document, keys included."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield f"{where}.{key}", key
+            yield from leaves(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from leaves(value, f"{where}.{index}")
+    else:
+        yield where, node
+
+
+def test_port_forward_reaches_the_head_dashboard():
+    # Inside the pod KubeRay binds the dashboard to all interfaces (for the ClusterIP service), so
+    # it is reached with kubectl port-forward to the head service KubeRay makes: {cluster}-head-svc,
+    # with the head container's named ports.
+    cluster = one("RayCluster")
+    head = container(cluster["spec"]["headGroupSpec"])
+    dashboard_port = {port["name"]: port["containerPort"] for port in head["ports"]}["dashboard"]
+    readme = " ".join(re.findall(r"`(kubectl port-forward [^`]+)`", (ROOT / "README.md").read_text()))
+    forwards = [words for words in header_commands(KUBERAY / "raycluster.yaml") if words[:2] == ["kubectl", "port-forward"]]
+    forwards += [shlex.split(command) for command in re.findall(r"kubectl port-forward [^`]+", readme)]
+    assert len(forwards) >= 2, "raycluster.yaml's header and the README both show the port-forward"
+    for words in forwards:
+        service, ports = words[2], words[3]
+        assert service == f"service/{cluster['metadata']['name']}-head-svc", words
+        assert int(ports.split(":")[-1]) == dashboard_port, words
 
 
 def test_paths_named_in_the_files_exist():

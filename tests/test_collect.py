@@ -8,9 +8,10 @@ import pytest
 import ray
 from ray.data.datasource import Partitioning
 
-from pipeline.collect import CollectError, collect, run_teacher, teacher_specs
+from pipeline.collect import CollectError, collect, run_teacher
+from pipeline.plan import teacher_specs
 from pipeline.config import ConfigError, load_preset
-from pipeline.history import HistoryError
+from pipeline.errors import PipelineError
 from pipeline.store import Store
 
 from helpers import assert_histories_match, manifest, teacher_actor_pids, wait_until_mid_run
@@ -51,16 +52,30 @@ def test_a_different_preset_under_the_same_experiment_is_refused(tmp_path):
     assert_histories_match(store, "exp", teacher_specs(load_preset("smoke")))  # nothing lost
 
 
-class CrashAfterCommits:
-    """Stands in for the progress actor; raises after `n` commits, as if the process died there."""
+class ProgressRecorder:
+    """Stands in for the progress actor: records (teacher, step) reports; with `crash_at`, raises when
+    that step is reported (after the steps are done, before they are committed), as if the process died there."""
 
-    def __init__(self, n: int):
-        self.left, self.report = n, self
+    def __init__(self, crash_at: int | None = None):
+        self.crash_at, self.reported, self.report = crash_at, [], self
 
-    def remote(self, *args):
-        self.left -= 1
-        if self.left == 0:
+    def remote(self, teacher: str, step: int):
+        self.reported.append(step)
+        if step == self.crash_at:
             raise KeyboardInterrupt("simulated crash")
+
+
+def test_a_teacher_reports_steps_done_before_they_are_committed(tmp_path):
+    store = Store(str(tmp_path / "runs"))
+    preset = load_preset("smoke", ["collect.teachers.darkroom.budget=5000", "collect.teachers.darkroom.seeds=[0]"])
+    progress = ProgressRecorder()
+    run_teacher(teacher_specs(preset)[0], store, "exp", shard_steps=5000, checkpoint_steps=None, progress=progress)
+    # one commit, at the end; cutoff checkpoints at 1250, 2500, 3750; reports at least every 2048 steps
+    assert progress.reported == [1250, 2500, 3750, 5000]
+    progress = ProgressRecorder()
+    preset = load_preset("smoke", ["collect.teachers.darkroom.budget=20000", "collect.teachers.darkroom.seeds=[0]"])
+    run_teacher(teacher_specs(preset)[0], store, "exp2", shard_steps=50000, checkpoint_steps=None, progress=progress)
+    assert progress.reported == [2048, 4096, 5000, 7048, 9096, 10000, 12048, 14096, 15000, 17048, 19096, 20000]
 
 
 def test_a_corrupt_shard_found_on_resume_fails_that_teacher_only(tmp_path):
@@ -69,7 +84,7 @@ def test_a_corrupt_shard_found_on_resume_fails_that_teacher_only(tmp_path):
     specs = teacher_specs(preset)
     with pytest.raises(KeyboardInterrupt):
         run_teacher(specs[0], store, "exp", shard_steps=preset.collect.shard_steps,
-                    checkpoint_steps=preset.collect.checkpoint_steps, progress=CrashAfterCommits(2))
+                    checkpoint_steps=preset.collect.checkpoint_steps, progress=ProgressRecorder(crash_at=900))
     shard = f"exp/histories/env=DarkRoom-v0/teacher={specs[0].teacher_id}/part-000000000300.parquet"
     store.write_bytes(shard, b"PAR1 garbage")
     with pytest.raises(CollectError, match=rf"1 of 4 teachers failed.*\n  {specs[0].teacher_id}: committed shard .*part-000000000300.parquet is unreadable"):
@@ -103,6 +118,6 @@ def test_a_corrupt_teacher_spec_is_named(tmp_path):
     collect(preset, store, "exp", log=lambda line: None)
     spec_file = f"exp/histories/env=DarkRoom-v0/teacher={teacher_specs(preset)[1].teacher_id}/_teacher.json"
     store.write_bytes(spec_file, b"{truncated")
-    with pytest.raises(HistoryError, match=rf"{spec_file}: not valid JSON"):
+    with pytest.raises(PipelineError, match=rf"{spec_file}: not valid JSON"):
         collect(preset, store, "exp", log=lambda line: None)
     assert store.read_bytes(spec_file) == b"{truncated"

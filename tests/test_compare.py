@@ -15,7 +15,7 @@ from pipeline.compare import (DATE, DRIFT_FIRST, DRIFT_PREVIOUS, KEY, KEY_METRIC
                               section)
 from pipeline.metrics import (CEILING_EXCEEDANCE, COUNT, CUTOFF, ENV, FINAL_IMITATOR, HIGH, LOW, N_SEEDS,
                               VERDICT)
-from pipeline.report import GROUP, SUMMARY_FILE, TEST, VARIANT
+from pipeline.report.tables import GROUP, SUMMARY_FILE, TEST, VARIANT
 from pipeline.store import Store
 
 LINE_A = {TEST: "extrapolation", ENV: "DarkRoom-v0", GROUP: "darkroom", CUTOFF: 0.5, VARIANT: "tiny, 20 steps primed"}
@@ -175,14 +175,22 @@ def test_second_rerun_lists_both_with_dates_and_drift_from_their_metrics(reruns)
     summaries = {name: pd.read_parquet(reruns / name / "report" / SUMMARY_FILE).set_index(list(KEY))
                  for name in (FIRST, SECOND)}
     assert len(table) == len(summaries[FIRST]) + len(summaries[SECOND])
+    assert FINAL_IMITATOR in KEY_METRICS
     for key, line in table.groupby(list(KEY)):
         assert line[RERUN].tolist() == [FIRST, SECOND]  # date order
         before, after = summaries[FIRST].loc[key], summaries[SECOND].loc[key]
         for metric in KEY_METRICS:
             drift = after[metric] - before[metric]
             for column in (metric + DRIFT_PREVIOUS, metric + DRIFT_FIRST):
+                # assert_allclose takes NaN for equal to NaN: where both reruns have the metric, the
+                # drift must be a number, so that a table of NaN drifts cannot pass.
+                assert np.isfinite(line[column].iloc[1]) == np.isfinite(drift), f"{key} {column}"
                 np.testing.assert_allclose(line[column].iloc[1], drift, err_msg=f"{key} {column}")
             assert np.isnan(line[metric + DRIFT_PREVIOUS].iloc[0])
+            assert line[metric + DRIFT_FIRST].iloc[0] == 0 or not np.isfinite(before[metric])  # the first vs itself
+        # Every line's imitator ran in both reruns: its final return, and so its drift, is a number.
+        assert np.isfinite(before[FINAL_IMITATOR]) and np.isfinite(after[FINAL_IMITATOR]), key
+        assert np.isfinite(line[FINAL_IMITATOR + DRIFT_PREVIOUS].iloc[1]), key
     records = [json.loads((reruns / name / "report" / RECORD_FILE).read_text()) for name in (FIRST, SECOND)]
     assert records[0]["settings"] != records[1]["settings"]  # the second ran with a --set override
 

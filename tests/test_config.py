@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.config import PRESETS_DIR, SMOKE_BUDGET, ConfigError, load_preset, task_id, teacher_id
-from pipeline.collect import teacher_specs
+from pipeline.config import PRESETS_DIR, SMOKE_BUDGET, ConfigError, load_preset
+from pipeline.plan import task_id, teacher_id, teacher_specs
 
 SHIPPED = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 

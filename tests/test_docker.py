@@ -22,6 +22,7 @@ so the test passes TORCH_INDEX_URL empty where the CPU image passes download.pyt
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -134,13 +135,68 @@ def test_dockerfile_builds_on_the_ray_image_of_the_pinned_versions():
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     assert ("USER", "ray") in steps and ("WORKDIR", "/home/ray/cutoff") in steps
 
-    # The GPU command of the header pairs a cuXYZ Ray image with the same cuXYZ torch index.
-    header = DOCKERFILE.read_text().split("\nARG ")[0]
-    ray_cuda = re.search(r"RAY_IMAGE_TAG=(\S+)-(py\d+)-(cu\d+)", header)
-    torch_cuda = re.search(r"TORCH_INDEX_URL=https://download\.pytorch\.org/whl/(cu\d+)", header)
-    assert ray_cuda and torch_cuda and ray_cuda.group(3) == torch_cuda.group(1)
-    assert ray_cuda.group(1) == version("ray") and ray_cuda.group(2) == python_tag
-    assert "docker build -f docker/Dockerfile -t cutoff:latest ." in header
+
+# The `docker build` commands shown to users: the Dockerfile's header, docker/README.md, README.md.
+BUILD_DOCS = [DOCKERFILE, ROOT / "docker" / "README.md", ROOT / "README.md"]
+
+
+def build_commands():
+    """(where, words) of every `docker build` command in BUILD_DOCS (comment markers and line
+    continuations removed, what follows a shell operator left out)."""
+    found = []
+    for path in BUILD_DOCS:
+        text = "\n".join(re.sub(r"^\s*#", "", line) if path == DOCKERFILE else line
+                         for line in path.read_text().splitlines()).replace("\\\n", " ")
+        for line in text.splitlines():
+            for match in re.finditer(r"(?<![\w`])docker build\b", line):
+                words = shlex.split(line[match.start():], comments=True)
+                found.append((path.relative_to(ROOT).as_posix(), words[: words.index("&&")] if "&&" in words else words))
+    return found
+
+
+def what_build_makes(words):
+    """What `docker build` with these words builds, read as Docker reads them: (Dockerfile path,
+    context, tags, the image it builds FROM and TORCH_INDEX_URL, with the build args applied)."""
+    assert words[:2] == ["docker", "build"], words
+    options, positional, rest = {"-f": [], "-t": [], "--build-arg": []}, [], iter(words[2:])
+    for word in rest:
+        if word in options:
+            options[word].append(next(rest))
+        else:
+            assert not word.startswith("-"), f"unexpected option {word} in {shlex.join(words)}"
+            positional.append(word)
+    (dockerfile,), (context,) = options["-f"], positional
+    build_args = dict(arg.split("=", 1) for arg in options["--build-arg"])
+    steps = instructions(ROOT / context / dockerfile)
+    declared = {a.split("=")[0]: a.split("=", 1)[1] if "=" in a else None for k, a in steps if k == "ARG"}
+    assert set(build_args) <= set(declared), f"build args the Dockerfile does not declare: {set(build_args) - set(declared)}"
+    values = {**declared, **build_args}
+    base = re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], next(a for k, a in steps if k == "FROM"))
+    return dockerfile, context, options["-t"], base, values["TORCH_INDEX_URL"]
+
+
+BUILDS = build_commands()
+
+
+def test_build_commands_are_shown_for_both_variants():
+    assert {where for where, _ in BUILDS} == {"docker/Dockerfile", "docker/README.md", "README.md"}
+    for where in ("docker/Dockerfile", "docker/README.md", "README.md"):
+        variants = {what_build_makes(words)[3].rsplit("-", 1)[1] == "cpu" for w, words in BUILDS if w == where}
+        assert variants == {True, False}, f"{where}: a CPU and a GPU build command"
+
+
+@pytest.mark.parametrize("where,words", BUILDS, ids=[f"{w}:{' '.join(c[4:6])}" for w, c in BUILDS])
+def test_build_command_builds_a_matching_ray_image_and_torch(where, words):
+    dockerfile, context, tags, base, torch_index = what_build_makes(words)
+    assert (dockerfile, context) == ("docker/Dockerfile", "."), "run from the repository root, which is the context"
+    python_tag = f"py{sys.version_info.major}{sys.version_info.minor}"
+    # Ray tags are {ray version}-py{python}-{cpu|cuXYZ}; the torch index the build installs from
+    # must be the same build: https://download.pytorch.org/whl/{cpu|cuXYZ}.
+    match = re.fullmatch(rf"rayproject/ray:{re.escape(version('ray'))}-{python_tag}-(cpu|cu\d+)", base)
+    assert match, f"{shlex.join(words)} builds FROM {base}"
+    assert torch_index == f"https://download.pytorch.org/whl/{match.group(1)}", shlex.join(words)
+    (tag,) = tags
+    assert tag.endswith("-gpu") == (match.group(1) != "cpu"), f"{tag} for a {match.group(1)} image"
 
 
 def test_dockerfile_runs_the_install_script_dependencies_first():

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from pipeline.config import load_preset
-from pipeline.evaluate import EvaluateError, evaluate, trial_specs
+from pipeline.evaluate import EvaluateError, evaluate
+from pipeline.plan import trial_specs
 from pipeline.metrics import ENV_STEPS, EPISODIC_RETURN, TRIAL_FINISHED
 from pipeline.store import Store
 
@@ -45,6 +46,20 @@ def test_smoke_grid_runs_through_tune_with_tensorboard_files(trained, tmp_path):
     events = [p for p in (tmp_path / "exp" / "tune").rglob("events.out.tfevents*")]
     assert len({p.parent for p in events}) == len(trial_specs(preset))  # one TensorBoard log per trial
     assert all(f"ray/tune/{EPISODIC_RETURN}".encode() in p.read_bytes() for p in events)
+    # TensorBoard plots the return against env steps (the trial's charts/env_steps), not against reports
+    for result in results:
+        folder = tmp_path / "exp" / "tune" / result.config["trial"]["trial_id"]
+        returns = tensorboard_scalars(folder, f"ray/tune/{EPISODIC_RETURN}")
+        reported = result.metrics_dataframe.dropna(subset=[EPISODIC_RETURN])
+        assert returns == list(zip(reported[ENV_STEPS], reported[EPISODIC_RETURN])), folder
+
+
+def tensorboard_scalars(folder, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(event.step, pytest.approx(event.value)) for event in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
 
 
 def test_smoke_grid_on_s3(trained, s3_uri):

@@ -1,4 +1,4 @@
-"""Metrics of DESIGN.md on synthetic curves whose answers are known by hand."""
+"""Metrics of docs/design.md on synthetic curves whose answers are known by hand."""
 
 import math
 

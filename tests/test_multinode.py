@@ -28,6 +28,8 @@ import uuid
 import warnings
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import REPO
@@ -207,12 +209,43 @@ def test_smoke_preset_runs_on_a_two_node_cluster_through_submit(cluster, tmp_pat
     for stage in ("collect: done", "train: done", "evaluate: 7/7 trials finished", "report: "):
         assert stage in output, stage
 
-    report = (store / "ms" / "report" / "report.md").read_text()
-    table = report.split("## Extrapolation test", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in table.splitlines() if line.startswith("| DarkRoom-v0 |")]
-    assert len(rows) == 1 and re.search(r"\| \*\*(extrapolates|does not|inconclusive|missing[^*]*)\*\* \|", rows[0])
-    assert "first run of preset `smoke` in this store" in report
+    check_smoke_report(store / "ms" / "report")
     # The second node ran workers of the job: their logs are under its own temp dir.
     worker_logs = list(cluster.temp[1].glob("session_*/logs/worker-*.out"))
     assert worker_logs, sorted(p.name for p in cluster.temp[1].glob("session_*/logs/*"))[:40]
     print(f"two-node smoke job: {time.time() - started:.0f} s from submission to SUCCEEDED")
+
+
+SECTIONS = {"extrapolation": "## Extrapolation test", "transfer": "## Transfer test", "control": "## Positive control"}
+
+
+def section(report: str, test: str) -> str:
+    return report.split(SECTIONS[test], 1)[1].split("\n## ", 1)[0]
+
+
+def check_smoke_report(folder: Path) -> None:
+    """What the smoke preset's report must say after a run in which every trial delivered."""
+    summary = pd.read_parquet(folder / "summary.parquet")
+    # Its one imitator group (Dark Room, group darkroom) at its one cutoff, 0.5: the extrapolation test
+    # on the teachers' own goals and the transfer test on the held-out goal; no cutoff 1.0, no control.
+    lines = sorted(zip(summary["test"], summary["env"], summary["group"], summary["cutoff"]))
+    assert lines == [("extrapolation", "DarkRoom-v0", "darkroom", 0.5), ("transfer", "DarkRoom-v0", "darkroom", 0.5)]
+    # evaluate.imitators.darkroom has teachers 1 and heldout 1: one seed per line, every trial of it
+    # delivered (so no "missing" anywhere), and one seed gives no interval, so no verdict either way.
+    assert summary["n_seeds"].tolist() == [1, 1]
+    assert summary["missing_trials"].tolist() == ["", ""] and all(len(seeds) == 0 for seeds in summary["missing_seeds"])
+    assert summary["verdict"].tolist() == ["inconclusive", "inconclusive"]
+    for column in ("final_return_imitator", "final_return_teacher", "first_return_imitator"):
+        assert np.isfinite(summary[column]).all(), column
+
+    report = (folder / "report.md").read_text()
+    for _, row in summary.iterrows():  # each line has its row in its test's verdict table, as in summary.parquet
+        table = section(report, row["test"])
+        rows = [[cell.strip() for cell in line.strip().strip("|").split(" | ")]
+                for line in table.splitlines() if line.startswith("| DarkRoom-v0 |")]
+        assert len(rows) == 1, table
+        cells = rows[0]
+        assert cells[:5] == ["DarkRoom-v0", "darkroom", "0.5", row["variant"], "1/1"], cells
+        assert cells[-2:] == [f"**{row['verdict']}**", "none"], cells
+    assert "| DarkRoom-v0 |" not in section(report, "control")
+    assert "first run of preset `smoke` in this store" in report

@@ -19,8 +19,15 @@ from matplotlib.image import imread
 from pipeline.metrics import (B_C, CEILING_EXCEEDANCE, COUNT, CUTOFF, DOES_NOT, ENV, EXTRAPOLATES, FINAL_IMITATOR,
                               FINAL_TEACHER, FIRST_IMITATOR, L_C, MISSING_SEEDS, N_SEEDS, PER_SEED_METRICS, SEED,
                               TRANSFER_AUC_RATIO, VERDICT, Curve, missing_status, per_seed_metrics, transfer_auc_ratio)
-from pipeline.report import (CONTEXT_STEPS, CUTOFF_STEP, GROUP, HISTORY_COLUMNS, IN_CONTEXT_GAIN, LEARNS_IN_CONTEXT, MISSING_TRIALS,
-                             TEST, build_report, mean_band, on_grid)
+from pipeline.config import load_preset
+from pipeline.errors import PipelineError
+from pipeline.layout import trial_result
+from pipeline.plan import trial_specs
+from pipeline.report.figures import mean_band, on_grid
+from pipeline.report.stage import build_report, gather
+from pipeline.report.tables import (CONTEXT_STEPS, CUTOFF_STEP, GROUP, HISTORY_COLUMNS, IN_CONTEXT_GAIN,
+                                    LEARNS_IN_CONTEXT, MISSING_TRIALS, TEST, ReportError)
+from pipeline.store import Store
 
 EPISODE = 20  # env steps per synthetic episode
 BUDGET = 2000  # teacher budget: 100 episodes
@@ -275,14 +282,36 @@ def test_mean_band_contains_the_mean_and_collapses_for_identical_seeds():
     assert np.isnan(low).all()
 
 
-def test_bad_inputs_are_refused_with_the_column_named(world, tmp_path):
+@pytest.mark.parametrize("damage, culprit", [
+    (lambda t: t.drop(columns="horizon"), "lacks columns ['horizon']"),
+    (lambda t: t.assign(status="crashed"), "trials.status has ['crashed']"),
+    (lambda t: t.assign(arm=t.arm.replace("snapshot", "snap")), "trials.arm has ['snap']"),
+    (lambda t: pd.concat([t, t.iloc[:1].assign(trial_id="again")]), "more than one trial per arm and seed: ["),
+    (lambda t: t.assign(seed=t.seed.astype(object).where(t.seed != 3, "three")), "trials.seed has a value that is not"),
+    (lambda t: t[t.arm != "imitator"], "no imitator trials to report on"),
+])
+def test_malformed_trials_are_refused_with_the_culprit_named(world, tmp_path, damage, culprit):
     trials, episodes, histories = world
-    with pytest.raises(ValueError, match="horizon"):
-        build_report(trials.drop(columns="horizon"), episodes, histories, str(tmp_path))
-    with pytest.raises(ValueError, match="crashed"):
-        build_report(trials.assign(status="crashed"), episodes, histories, str(tmp_path))
-    with pytest.raises(ValueError, match="more than one trial"):
-        build_report(pd.concat([trials, trials.iloc[:1].assign(trial_id="again")]), episodes, histories, str(tmp_path))
+    with pytest.raises(ReportError) as caught:
+        build_report(damage(trials), episodes, histories, str(tmp_path))
+    message = str(caught.value)
+    assert culprit in message and "\n" not in message, message
+    assert isinstance(caught.value, PipelineError) and caught.value.exit_status == 1
+    assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
+@pytest.mark.parametrize("line", [b'{"training_iteration": 1, "env_st', b"[1, 2]"])
+def test_a_damaged_result_json_is_refused_naming_the_file(tmp_path, line):
+    preset = load_preset("smoke")
+    trial = trial_specs(preset)[1]
+    store = Store(str(tmp_path))
+    path = trial_result("exp", trial.trial_id)
+    store.write_bytes(path, b'{"training_iteration": 1, "env_steps": 20, "episodic_return": 1.0}\n' + line + b"\n")
+    with pytest.raises(ReportError) as caught:
+        gather(preset, store, "exp")
+    message = str(caught.value)
+    assert f"{store.url(path)} line 2 is damaged" in message and trial.trial_id in message, message
+    assert "\n" not in message
 
 
 def test_a_grid_with_only_the_positive_control_reports_it(tmp_path):

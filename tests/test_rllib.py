@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
 
-from pipeline.collect import collect, run_teacher, teacher_specs
+from pipeline.collect import collect, run_teacher
+from pipeline.plan import teacher_specs
 from pipeline.config import load_preset
 from pipeline.history import TeacherHistory
 from pipeline.schema import Transitions, check_schema

@@ -14,12 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.collect import collect, teacher_specs
+from pipeline.collect import collect
+from pipeline.plan import imitator_specs, teacher_specs
 from pipeline.config import ConfigError, load_preset
 from pipeline.history import HistoryError, TeacherHistory
 from pipeline.schema import VERSION_KEY, ObsEncoding, Transitions
 from pipeline.store import Store
-from pipeline.train import ReadPlan, TrainError, concurrent_jobs, history_rows, imitator_specs, read_plan, shard_paths, train
+from pipeline.train import ReadPlan, TrainError, concurrent_jobs, history_rows, read_plan, shard_paths, train
 from pipeline.windows import make_windows, stack_frames
 
 from conftest import REPO
@@ -126,6 +127,13 @@ def test_tiny_models_overfit_a_tiny_history_through_ray_train_on_s3_two_jobs_at_
         assert b"imitator/loss" in tensorboard_tags(store, f"{folder}/tensorboard")
     again = train(preset, store, "exp", log=lambda line: None)  # finished imitators are not retrained
     assert again == results
+    # an _imitator.json written before the size was stored still matches, and other settings do not
+    record = f"{imitator_specs(preset)[0].dir('exp')}/_imitator.json"
+    old = {k: v for k, v in json.loads(store.read_bytes(record)).items() if k != "size"}
+    store.write_bytes(record, json.dumps(old).encode())
+    assert train(preset, store, "exp", log=lambda line: None) == results
+    with pytest.raises(ConfigError, match=r"imitator darkroom-tiny-ctx20 at cutoff 0.5 trained with other settings \(hparams"):
+        train(load_preset("smoke", [*overrides, "train.imitators.darkroom.lr=0.001"]), store, "exp", log=lambda line: None)
 
 
 def test_a_small_history_is_read_once_in_one_block_a_large_one_streamed_per_epoch():

@@ -9,20 +9,27 @@ import numpy as np
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 
-NATURE_CNN = [[32, 8, 4], [64, 4, 2], [64, 3, 1]]  # (filters, kernel, stride) of Mnih et al. 2015
+# Nature-DQN conv stack (Mnih et al. 2015): (filters, kernel, stride) per layer. Also the imitator's
+# frame encoder (pipeline/model.py).
+NATURE_CNN = ((32, 8, 4), (64, 4, 2), (64, 3, 1))
 
 
 def is_image(space: gym.Space) -> bool:
     return isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 2
 
 
-def _check_discrete_actions(env_id: str, action_space: gym.Space) -> None:
-    if not isinstance(action_space, gym.spaces.Discrete):
-        raise ValueError(f"RLlib teachers here need discrete actions; {env_id} has {action_space}")
-
-
 def _is_vector(space: gym.Space) -> bool:
     return isinstance(space, gym.spaces.Box) and len(space.shape) == 1
+
+
+def _check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Space, images: bool, needs: str) -> None:
+    """Discrete actions, and vector or discrete observations (or 2-D uint8 images where `images`);
+    `needs` opens the observation error, e.g. "dqn needs vector, discrete or 2-D uint8 image observations"."""
+    if not isinstance(action_space, gym.spaces.Discrete):
+        raise ValueError(f"RLlib teachers here need discrete actions; {env_id} has {action_space}")
+    if not (_is_vector(observation_space) or isinstance(observation_space, gym.spaces.Discrete)
+            or (images and is_image(observation_space))):
+        raise ValueError(f"{needs}; {env_id} has {observation_space}")
 
 
 @dataclass(config=ConfigDict(extra="forbid"))
@@ -57,7 +64,7 @@ class DQNConfig:
     # clipped). The history keeps the env's own rewards.
     clip_rewards: bool = False
     hidden: list[int] = field(default_factory=lambda: [64, 64])  # MLP; for frames, after the conv stack
-    conv_filters: list[list[int]] = field(default_factory=lambda: NATURE_CNN)  # image observations only
+    conv_filters: list[list[int]] = field(default_factory=lambda: [list(layer) for layer in NATURE_CNN])  # image observations only
     frame_stack: int = Field(4, gt=0)  # frames per observation the network sees, image observations only
     # A new-API-stack RLlib checkpoint leaves the replay buffer out; the teacher saves it beside
     # (for Atari, frame_stack * 7 KB per transition in the buffer). Without it a restored teacher
@@ -80,10 +87,8 @@ class DQNConfig:
 
     @staticmethod
     def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Space) -> None:
-        _check_discrete_actions(env_id, action_space)
-        if not (_is_vector(observation_space) or is_image(observation_space)
-                or isinstance(observation_space, gym.spaces.Discrete)):
-            raise ValueError(f"dqn needs vector, discrete or 2-D uint8 image observations; {env_id} has {observation_space}")
+        _check_spaces(env_id, observation_space, action_space, images=True,
+                      needs="dqn needs vector, discrete or 2-D uint8 image observations")
 
 
 @dataclass(config=ConfigDict(extra="forbid"))
@@ -106,6 +111,5 @@ class PPOConfig:
 
     @staticmethod
     def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Space) -> None:
-        _check_discrete_actions(env_id, action_space)
-        if not (_is_vector(observation_space) or isinstance(observation_space, gym.spaces.Discrete)):
-            raise ValueError(f"ppo teachers here need vector or discrete observations (use dqn for images); {env_id} has {observation_space}")
+        _check_spaces(env_id, observation_space, action_space, images=False,
+                      needs="ppo teachers here need vector or discrete observations (use dqn for images)")

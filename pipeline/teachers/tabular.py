@@ -38,6 +38,12 @@ class QLearningConfig:
             raise ValueError(f"qlearning needs discrete observations and actions; {env_id} has {observation_space} and {action_space}")
 
 
+def td_update(q: np.ndarray, obs: int, action: int, reward: float, next_obs: int, terminated: bool, lr: float, gamma: float) -> None:
+    """One Q-learning TD update of q[obs, action] in place (no bootstrap from a terminal next_obs)."""
+    target = reward if terminated else reward + gamma * q[next_obs].max()
+    q[obs, action] += lr * (target - q[obs, action])
+
+
 class QLearningTeacher:
     """One Q-table, one env. Every env step is one TD update, so policy_version == step."""
 
@@ -78,8 +84,7 @@ class QLearningTeacher:
         for i in range(n):
             action = int(random_actions[i]) if explore[i] else int(q[obs].argmax())
             next_obs, reward, terminated, truncated, _ = env.step(action)
-            target = reward if terminated else reward + gamma * q[next_obs].max()
-            q[obs, action] += lr * (target - q[obs, action])
+            td_update(q, obs, action, reward, next_obs, terminated, lr, gamma)
             if self.config.backward_replay:
                 self.episode_steps.append((obs, action, reward, next_obs, terminated))
             if record:
@@ -102,8 +107,7 @@ class QLearningTeacher:
     def _replay_backward(self) -> None:
         q, lr, gamma = self.q, self.config.learning_rate, self.config.gamma
         for obs, action, reward, next_obs, terminated in reversed(self.episode_steps):
-            target = reward if terminated else reward + gamma * q[next_obs].max()
-            q[obs, action] += lr * (target - q[obs, action])
+            td_update(q, obs, action, reward, next_obs, terminated, lr, gamma)
         self.episode_steps = []
 
     def _transitions(self, seen: list, actions: list, rewards: list, ends: list) -> Transitions:

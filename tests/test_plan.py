@@ -1,0 +1,78 @@
+"""The plan layer: pure functions of the preset, importable without Ray or torch."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from pipeline import layout
+from pipeline.arms import ARMS, CONTROL, EXTRAPOLATION, TRANSFER, arms_for
+from pipeline.config import ConfigError, load_preset
+from pipeline.errors import PipelineError
+from pipeline.plan import ImitatorSpec, imitator_specs, trial_specs
+
+
+def test_plan_layout_and_arms_import_neither_ray_nor_torch():
+    code = ("import sys; import pipeline.plan, pipeline.layout, pipeline.arms, pipeline.errors; "
+            "print(sorted(m for m in ('ray', 'torch') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_every_trial_arm_is_in_the_registry_and_runs_in_its_tests():
+    trials = trial_specs(load_preset("quick"))
+    assert {t.test for t in trials} == {EXTRAPOLATION, TRANSFER, CONTROL}
+    for trial in trials:
+        assert trial.arm in arms_for(trial.test)
+    snapshot_tests = {t.test for t in trials if t.arm == "snapshot"}
+    assert snapshot_tests == set(ARMS["snapshot"].tests) == {EXTRAPOLATION}
+
+
+def test_imitator_spec_carries_its_size_and_reads_old_records_without_it():
+    spec = imitator_specs(load_preset("quick"))[0]
+    assert spec.size == "small" and spec.name == f"{spec.group}-small-ctx{spec.model_args['context_steps']}"
+    old = spec.settings()
+    del old["size"]  # an _imitator.json written before the size was stored
+    assert ImitatorSpec.from_dict(old) == spec
+    assert not layout.check_rerun(json.dumps(old).encode(), spec.settings(), what="imitator", experiment="e",
+                                  where="x", upgrade=lambda d: ImitatorSpec.from_dict(d).settings())
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_the_difference():
+    with pytest.raises(ConfigError, match=r"already holds teacher t with other settings \(budget: 2000 then, 4000 now\)"):
+        layout.check_rerun(b'{"budget": 2000}', {"budget": 4000}, what="teacher t", experiment="e", where="x")
+    with pytest.raises(PipelineError, match="_teacher.json: not valid JSON"):
+        layout.check_rerun(b"{", {"budget": 4000}, what="teacher t", experiment="e", where="_teacher.json")
+    assert layout.check_rerun(None, {"budget": 4000}, what="teacher t", experiment="e", where="x")
+
+
+@pytest.mark.parametrize("name", ["../escape", "/abs/path", "a/b", "..", ".hidden", "", "a b", "-x"])
+def test_names_that_would_leave_their_folder_are_refused(name):
+    with pytest.raises(PipelineError, match="not a usable name") as caught:
+        layout.check_name("--experiment", name)
+    assert caught.value.exit_status == 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("evaluate.imitators.darkroom.contexts=[]", "List should have at least 1 item"),
+    ("evaluate.imitators.darkroom.heldout_seeds=[]", "List should have at least 1 item"),
+    ("train.imitators.darkroom.context_steps=[]", "List should have at least 1 item"),
+    ("collect.teachers.darkroom.seeds=[]", "List should have at least 1 item"),
+    ("evaluate.trial_resources={snapshots: {cpus: 1}}", "unknown arm"),
+    ("collect.teachers.darkroom.budget=3", "too small to give distinct cutoff steps"),
+    ("collect.teachers.darkroom.budget=[1,", "not valid YAML"),
+])
+def test_an_override_at_fault_is_named_as_the_culprit(override, message):
+    with pytest.raises(ConfigError) as caught:
+        load_preset("smoke", [override])
+    text = str(caught.value)
+    assert text.startswith(f"--set {override}:") and message in text and "\n" not in text, text
+
+
+def test_a_group_that_would_run_no_test_is_refused():
+    overrides = ["train.imitators.darkroom.cutoffs=[1.0]", "evaluate.imitators.darkroom.heldout=0"]
+    with pytest.raises(ConfigError, match=r"evaluate.imitators.darkroom: runs no test"):
+        load_preset("smoke", overrides)
