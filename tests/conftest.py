@@ -61,3 +61,15 @@ def trained(tmp_path_factory, ray_address):
     collect(preset, store, "exp", log=lambda line: None)
     train(preset, store, "exp", log=lambda line: None)
     return root, preset
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine (Ray tests alongside)
+    torch's spinning worker threads make them orders of magnitude slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

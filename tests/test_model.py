@@ -19,14 +19,7 @@ ARGS_BY_KIND = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine (Ray tests alongside)
-    torch's spinning worker threads make them orders of magnitude slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_stream(args: ModelArgs, batch: int, steps: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -9,7 +9,6 @@ Episodes last exactly `episode_len` steps and end truncated (never terminated).
 from __future__ import annotations
 
 import gymnasium as gym
-import numpy as np
 
 # action -> (d_row, d_col): stay, up, down, left, right
 MOVES = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))

@@ -1,5 +1,9 @@
 """Teachers: learners whose every acted transition is recorded.
 
+Algorithms (ALGORITHMS below): `qlearning` (tabular), `dqn` and `ppo` (RLlib), and `lean_dqn` and
+`lean_ppo` (the project's own PyTorch DQN and PPO: the same configs and recorded histories, without
+RLlib, several times faster on one core; BENCHMARKS.md).
+
 All teachers implement one API (the fleet, the evaluation arms and the tests use only this):
 
     teacher = make_teacher(algo, env_id, env_kwargs, seed=0, budget=20_000, config={...})
@@ -42,6 +46,8 @@ class Teacher(Protocol):
 ALGORITHMS: dict[str, tuple[type, str]] = {
     "qlearning": (QLearningConfig, "pipeline.teachers.tabular:QLearningTeacher"),
     "dqn": (DQNConfig, "pipeline.teachers.rllib:RLlibTeacher"),
+    "lean_dqn": (DQNConfig, "pipeline.teachers.lean_dqn:LeanDQNTeacher"),  # the same DQN in plain PyTorch, no RLlib
+    "lean_ppo": (PPOConfig, "pipeline.teachers.lean_ppo:LeanPPOTeacher"),  # the same PPO in plain PyTorch, no RLlib
     "ppo": (PPOConfig, "pipeline.teachers.rllib:RLlibTeacher"),
 }
 
