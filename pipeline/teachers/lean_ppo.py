@@ -35,9 +35,9 @@ are then computed in one batched torch pass, which is the same thing since the w
 change during a rollout.
 
 Recorded as RLlib's teacher records: the cell index for discrete observations, the vector itself
-otherwise; images are rejected (PPOConfig.check_spaces). The networks live on the CPU (tiny MLPs
-gain nothing from a GPU, and make_teacher passes no device); `device="cuda"` is honoured where torch
-sees a CUDA device at run time, else refused.
+otherwise; images are rejected (PPOConfig.check_spaces). The device is chosen at run time, as
+lean_dqn's: a GPU when torch sees one (in a Ray actor, only when the actor asked for one), else the
+CPU; `device="cuda"` where torch sees none is refused.
 
 save/restore use no pickle: the actor, critic and Adam state dicts (torch.load with
 weights_only=True); step, episode and iteration counters and the numpy RNG state (plain ints) as
@@ -142,13 +142,13 @@ class LeanPPOTeacher:
     """The Teacher API (pipeline.teachers) over the PPO of this module's docstring."""
 
     def __init__(self, env_id: str, env_kwargs: dict, *, seed: int, budget: int, config: PPOConfig,
-                 device: str = "cpu"):
+                 device: str | None = None):
         self.env = make_env(env_id, **env_kwargs)
         config.check_spaces(env_id, self.env.observation_space, self.env.action_space)
         self.encoding = ObsEncoding.for_space(self.env.observation_space)
         self.config, self.budget, self.granularity = config, budget, config.granularity
         self.actions = int(self.env.action_space.n)
-        self.device = torch.device(device)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
         # Seeded by the seed and the task, as the other teachers: other tasks' teachers explore differently.
