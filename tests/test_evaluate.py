@@ -11,7 +11,8 @@ import time
 import pytest
 
 from pipeline.config import load_preset
-from pipeline.evaluate import EvaluateError, evaluate
+from pipeline.arms import ARMS
+from pipeline.evaluate import RUNNERS, EvaluateError, evaluate
 from pipeline.plan import trial_specs
 from pipeline.metrics import ENV_STEPS, EPISODIC_RETURN, TRIAL_FINISHED
 from pipeline.store import Store
@@ -68,6 +69,10 @@ def test_smoke_grid_on_s3(trained, s3_uri):
     results = evaluate(trained[1], store, "exp", **QUIET)
     check_results(results, trained[1])
     assert any("tfevents" in p for p in store.fs.find(store.full("exp/tune")))
+
+
+def test_every_arm_of_the_registry_has_a_rollout():
+    assert set(RUNNERS) == set(ARMS)
 
 
 def test_missing_imitator_is_named_before_any_trial(tmp_path, trained):
