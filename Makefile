@@ -23,6 +23,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/collect_throughput.py --set "collect.teachers.darkroom.seeds=[0,1,2,3]" --set collect.teachers.darkroom.budget=20000 --set "collect.teachers.darkroom.algo_config={learning_rate: 0.1, epsilon_decay: 0.8}"
+	$(BIN)/python bench/collect_chunks.py
 	$(BIN)/python bench/rllib_teacher.py
 	$(BIN)/python bench/lean_dqn.py
 	$(BIN)/python bench/lean_dqn_atari.py
