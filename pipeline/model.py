@@ -187,10 +187,11 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cos, sin, band=None, kv=None):
         """x (B, T, C); cos/sin (T, hs/2) at the tokens' absolute positions. Without `kv`: band is
         None (plain causal, T <= context_steps) or a (T, T) bool mask, True = attend. With `kv`
-        (one new token, T = 1): (keys, values, slot, filled), the layer's cache buffers
+        (one new token, T = 1): (keys, values, slot, filled, mask), the layer's cache buffers
         (B, nh, context_steps, hs); this token's key/value are written at `slot` and the query
         attends to the first `filled` slots, which then hold exactly the last <= context_steps
-        tokens including this one (their order does not matter: each key carries its own rotation)."""
+        tokens including this one (their order does not matter: each key carries its own rotation),
+        except where `mask` (B, 1, 1, filled), if not None, is False (padding tokens)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_size).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -198,10 +199,10 @@ class CausalSelfAttention(nn.Module):
             dropout_p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=dropout_p, is_causal=band is None)
         else:
-            keys, values, slot, filled = kv
+            keys, values, slot, filled, mask = kv
             keys[:, :, slot] = k[:, :, 0]
             values[:, :, slot] = v[:, :, 0]
-            y = F.scaled_dot_product_attention(q, keys[:, :, :filled], values[:, :, :filled])  # (B, nh, 1, hs)
+            y = F.scaled_dot_product_attention(q, keys[:, :, :filled], values[:, :, :filled], attn_mask=mask)  # (B, nh, 1, hs)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))  # (B, T, C)
 
 
@@ -273,6 +274,9 @@ class KVCache:
     values: torch.Tensor  # (n_layer, B, n_head, context_steps, head_size)
     inv_freq: torch.Tensor  # (head_size/2,) float64, the rotary frequencies
     position: int = 0  # stream position of the next token = steps taken so far
+    # (B, context_steps) bool, False where a slot holds a padding token (Imitator.step's `real`);
+    # None while no slot does
+    real: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -363,14 +367,19 @@ class Imitator(nn.Module):
         )
 
     @torch.no_grad()
-    def step(self, cache: KVCache, obs, prev_action, prev_reward, first) -> torch.Tensor:
+    def step(self, cache: KVCache, obs, prev_action, prev_reward, first, real=None) -> torch.Tensor:
         """One env step for every env: inputs as in forward without the T dimension. Computes
         this step's token and, per layer, its query, key and value only; the token attends to
         the cached keys of the last context_steps - 1 steps plus its own, and its key/value
         replace the oldest. Returns the logits (B, n_actions) of action_t, exactly those of
         forward() over the whole stream so far, last position. Costs one token of compute per
         layer plus O(context_steps * n_embd) for attention. Call model.eval() first unless
-        dropout is 0."""
+        dropout is 0.
+
+        `real` (B,) bool, False for envs whose token is padding: it enters the cache, but no
+        later token attends to it, so envs whose streams start at different steps share one
+        cache (ImitatorPolicy.prime). An env's stream then starts at a later position, which
+        changes nothing but rounding: rotated scores depend on relative positions only."""
         if prev_action.shape[0] != cache.batch_size:
             raise ValueError(f"batch of {prev_action.shape[0]} envs, cache was built for {cache.batch_size}")
         W, position = self.args.context_steps, cache.position
@@ -378,10 +387,26 @@ class Imitator(nn.Module):
         cos, sin = rotary_cos_sin(1, self.args.head_size, start=position, device=x.device, inv_freq=cache.inv_freq)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (1, hs/2)
         slot, filled = position % W, min(position + 1, W)
+        mask = self._padding_mask(cache, slot, filled, real)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, kv=(cache.keys[layer], cache.values[layer], slot, filled))
+            x = block(x, cos, sin, kv=(cache.keys[layer], cache.values[layer], slot, filled, mask))
         cache.position = position + 1
         return self.head(self.ln_f(x[:, 0]))  # (B, n_actions)
+
+    @staticmethod
+    def _padding_mask(cache: KVCache, slot: int, filled: int, real) -> torch.Tensor | None:
+        """(B, 1, 1, filled) bool attention mask hiding the cache's padding tokens, None when it holds
+        none. Every token attends to itself, so a padding token's own output stays finite."""
+        if real is None and cache.real is None:
+            return None
+        if cache.real is None:
+            cache.real = torch.ones(cache.batch_size, cache.keys.shape[3], dtype=torch.bool, device=cache.keys.device)
+        cache.real[:, slot] = True if real is None else real
+        mask = cache.real[:, :filled].clone()
+        mask[:, slot] = True
+        if real is None and bool(cache.real.all()):
+            cache.real = None  # the last padding token has left the window
+        return mask[:, None, None, :]
 
     # ------------------------------------------------------------------------- bookkeeping
 

@@ -4,11 +4,13 @@ stream, it can fit data, and its args round-trip."""
 import json
 from dataclasses import asdict, replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline.model import Imitator, ModelArgs, sample_actions
+from pipeline.rollout import ImitatorPolicy, left_padded
 
 N_ACTIONS = 3
 TINY = dict(n_layer=2, n_head=2, n_embd=16, context_steps=8)
@@ -144,6 +146,52 @@ def test_batched_steps_equal_each_env_alone():
         for env, cache in enumerate(alone_caches):
             alone = model.step(cache, *[x[env : env + 1] for x in inputs_at(stream, t)])
             torch.testing.assert_close(batched[env : env + 1], alone, atol=1e-5, rtol=1e-4)
+
+
+def env_steps(args: ModelArgs, steps: int, seed: int):
+    """What an env shows a policy over `steps` steps, single frames: obs (T, ...), action, reward, first."""
+    g = np.random.default_rng(seed)
+    if args.obs_kind == "discrete":
+        obs = g.integers(args.obs_n, size=steps)
+    elif args.obs_kind == "vector":
+        obs = g.standard_normal((steps, *args.obs_shape)).astype(np.float32)
+    else:
+        obs = g.integers(256, size=(steps, *args.obs_shape), dtype=np.uint8)
+    return obs, g.integers(args.n_actions, size=steps), g.standard_normal(steps).astype(np.float32), g.random(steps) < 0.2
+
+
+def logits_recorded(model: Imitator) -> list[torch.Tensor]:
+    """The logits of every step() of `model` from now on, in order."""
+    recorded, step = [], model.step
+    model.step = lambda *args: recorded.append(step(*args)) or recorded[-1]
+    return recorded
+
+
+@pytest.mark.parametrize("kind", ARGS_BY_KIND)
+def test_batched_prime_then_rollout_acts_as_each_env_alone(kind):
+    """Envs primed in one cache with their own recorded steps, of different lengths (past the
+    window, short, none: left-padded), then rolled out greedily in lockstep, get the logits and
+    actions of one batch-1 policy per env primed with its steps alone."""
+    args = ARGS_BY_KIND[kind]
+    W, lengths = args.context_steps, [args.context_steps + 3, 2, 0]
+    recorded = [env_steps(args, length, seed) for seed, length in enumerate(lengths)]
+    shown = [env_steps(args, 2 * W, seed=10 + env) for env in range(3)]  # obs, -, reward, first after the prime
+    batched = ImitatorPolicy(tiny_model(args), batch_size=3, temperature=0.0)
+    batched.prime(*left_padded(recorded))
+    alone = [ImitatorPolicy(tiny_model(args), batch_size=1, temperature=0.0) for _ in recorded]
+    for policy, steps in zip(alone, recorded):
+        policy.prime(*(array[None] for array in steps))
+    logits = [logits_recorded(policy.model) for policy in [batched, *alone]]
+    for t in range(2 * W):
+        obs, reward, first = (np.stack([env[k][t] for env in shown]) for k in (0, 2, 3))
+        actions = batched.act(obs, first)
+        assert list(actions) == [policy.act(obs[i:i + 1], first[i:i + 1])[0] for i, policy in enumerate(alone)], t
+        batched.observe(reward)
+        for i, policy in enumerate(alone):
+            policy.observe(reward[i:i + 1])
+    for env in range(3):
+        torch.testing.assert_close(torch.stack(logits[0])[:, env], torch.stack(logits[1 + env])[:, 0], atol=1e-5, rtol=1e-4)
+    assert batched.cache.real is None  # every padding token has left the window
 
 
 def test_step_rejects_a_batch_the_cache_was_not_built_for():
