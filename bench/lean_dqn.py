@@ -2,8 +2,9 @@
 
     python bench/lean_dqn.py                          # speed, then learning curves over 5 seeds to 50k steps
     python bench/lean_dqn.py --seeds 3 --at 10000 24000
+    python bench/lean_dqn.py --preset cartpole --speed-steps 0 --at 10000 32000 64000   # the cartpole preset's teachers
 
-Prints, from one run, on CartPole-v1 with the quick preset's cartpole algo_config:
+Prints, from one run, on CartPole-v1 with the preset's (default quick) cartpole algo_config:
   speed   env steps/s of LeanDQNTeacher (train_steps, plus the Arrow table and a Parquet encode of
           its rows: recording included) and of peer_dqn.run, with the same MLP, batch, replay
           ratio, learning rate and target sync, updating from the first batch on; runs alternate,
@@ -20,6 +21,7 @@ One torch thread per learner, as in a Ray actor; the curves run two learners at 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from dataclasses import replace
@@ -37,8 +39,9 @@ from pipeline.teachers.lean_dqn import LeanDQNTeacher
 ENV = "CartPole-v1"
 
 
-def quick_cartpole():
-    group = load_preset("quick").collect.teachers["cartpole"]
+def cartpole_teachers(preset: str = "quick"):
+    """(DQNConfig, budget) of the preset's cartpole teachers (algo dqn or lean_dqn: the same config)."""
+    group = load_preset(preset).collect.teachers["cartpole"]
     return algo_config(group.algo, group.algo_config), group.budget
 
 
@@ -59,11 +62,11 @@ def teacher_rate(config, budget: int, steps: int, seed: int) -> float:
     return steps // 1000 * 1000 / (time.perf_counter() - start)
 
 
-def curve(args) -> tuple[str, int, list[float]]:
+def curve(job: tuple[str, int, list[int]], preset: str) -> tuple[str, int, list[float]]:
     """(learner, seed, mean return of the last 10 episodes completed by each checkpoint step)."""
-    learner, seed, at = args
+    learner, seed, at = job
     torch.set_num_threads(1)
-    config, budget = quick_cartpole()
+    config, budget = cartpole_teachers(preset)
     steps = max(at)
     if learner == "lean":
         return learner, seed, teacher_points(LeanDQNTeacher(ENV, {}, seed=seed, budget=budget, config=config).train_steps(steps), at)
@@ -72,17 +75,24 @@ def curve(args) -> tuple[str, int, list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--speed-steps", type=int, default=6000)
+    parser.add_argument("--preset", default="quick", help="whose cartpole teachers (their config and budget)")
+    parser.add_argument("--speed-steps", type=int, default=6000, help="0: learning curves only")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--at", type=int, nargs="+", default=[10_000, 24_000, 50_000])
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config, budget = quick_cartpole()
+    config, budget = cartpole_teachers(args.preset)
+    if args.speed_steps:
+        speed(config, budget, args)
+    compare_curves(functools.partial(curve, preset=args.preset), args.seeds, args.at, args.jobs)
+
+
+def speed(config, budget: int, args) -> None:
     timed = replace(config, learning_starts=config.train_batch_size)  # every timed step carries its share of updates
     as_peer = replace(timed, dueling=False, n_step=1)
-    print(f"{ENV}, the quick preset's cartpole config: hidden {list(config.hidden)}, batch {config.train_batch_size}, "
+    print(f"{ENV}, the {args.preset} preset's cartpole config: hidden {list(config.hidden)}, batch {config.train_batch_size}, "
           f"replay ratio {config.replay_ratio:g}, target sync every {config.target_update_steps} steps; "
           f"{args.speed_steps} steps per run, {args.repeats} repeats")
     rates: dict[str, list[float]] = {"lean (preset: dueling, 3-step)": [], "lean (as the peer)": [], "peer": []}
@@ -97,7 +107,6 @@ def main() -> None:
     for name in list(median)[:2]:
         print(f"{name} / peer = {median[name] / median['peer']:.3f}")
 
-    compare_curves(curve, args.seeds, args.at, args.jobs)
 
 if __name__ == "__main__":
     main()

@@ -117,6 +117,24 @@ class QNetwork(nn.Module):
         return self.advantage(self.body(obs)).argmax(1)
 
 
+class NumpyGreedy:
+    """QNetwork.greedy for one vector or discrete observation, in numpy over views of the network's
+    CPU parameters (optimizer steps and load_state_dict update them in place, so the views follow).
+    At batch 1 a torch forward is mostly dispatch: this is about 4x faster (BENCHMARKS.md)."""
+
+    def __init__(self, q: QNetwork, one_hot: bool):
+        linears = [m for m in q.body if isinstance(m, nn.Linear)] + [q.advantage]
+        self.layers = [(layer.weight.detach().numpy(), layer.bias.detach().numpy()) for layer in linears]
+        self.one_hot = one_hot
+
+    def __call__(self, obs: np.ndarray) -> int:  # obs: (1, *obs)
+        (weight, bias), *rest = self.layers
+        h = weight[:, int(obs[0])] + bias if self.one_hot else weight @ obs[0] + bias  # the one-hot product is a column
+        for weight, bias in rest:  # ReLU after every body layer, none after the head
+            h = weight @ np.maximum(h, 0.0) + bias
+        return int(h.argmax())
+
+
 # --- the learning rule, as pure functions ---
 
 
@@ -254,7 +272,9 @@ class LeanDQNTeacher:
             self.target = QNetwork(self.encoding, self.actions, config).to(self.device)
         self.target.load_state_dict(self.q.state_dict())
         self.target.requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.q.parameters(), lr=config.lr)
+        self.optimizer = torch.optim.Adam(self.q.parameters(), lr=config.lr, fused=True)  # one kernel for all tensors: 2x faster updates on CPU
+        self._numpy_greedy = (NumpyGreedy(self.q, self.encoding.kind == "discrete")
+                              if self.device.type == "cpu" and self.encoding.kind != "image" else None)
         self.frame_stack = config.frame_stack if self.encoding.kind == "image" else 1
         self.replay = self._new_replay()
         self.step, self.episode, self.episode_step, self.updates = 0, 0, 0, 0
@@ -321,6 +341,8 @@ class LeanDQNTeacher:
         return self._greedy(self.replay.current())
 
     def _greedy(self, obs: np.ndarray) -> int:  # obs: (1, *network obs)
+        if self._numpy_greedy:
+            return self._numpy_greedy(obs)
         with torch.inference_mode():
             return int(self.q.greedy(torch.as_tensor(obs, device=self.device))[0])
 
