@@ -128,14 +128,18 @@ class ImitatorGroup:
 @dataclass(config=_STRICT)
 class TrainConfig:
     imitators: dict[str, ImitatorGroup] = field(default_factory=dict)
-    num_workers: int = Field(1, gt=0)  # Ray Train workers per imitator (data parallel)
+    num_workers: int = Field(1, gt=0)  # Ray Train workers per job (data parallel)
     use_gpu: bool | Literal["auto"] = False  # one GPU per worker; auto: if the cluster has GPUs when train starts
     cpus_per_worker: float = Field(1, gt=0)
-    # Imitators trained at once, each its own Ray Train job. On a small machine a job is mostly
-    # fixed start-up cost and one torch thread, so two at once (with half a CPU per worker, which
+    # The most imitators one Ray Train job fits, one after another. Starting a job costs about
+    # 15 s here (controller, workers, the first read of the data), paid once per job; each further
+    # imitator in it costs a second or two (BENCHMARKS.md).
+    imitators_per_job: int = Field(8, gt=0)
+    # Ray Train jobs run at once; the imitators are spread over at least this many jobs. On a
+    # small machine a job is one torch thread, so two at once (with half a CPU per worker, which
     # leaves Ray Data's read tasks a CPU) use it better than one after the other.
     concurrent: int = Field(1, gt=0)
-    max_failures: int = Field(3, ge=0)  # worker failures an imitator's training survives
+    max_failures: int = Field(3, ge=0)  # worker failures a job survives; each resumes from the newest checkpoint
 
 
 @dataclass(config=_STRICT)
@@ -160,6 +164,10 @@ class EvaluateConfig:
     trial_resources: dict[str, Resources] = field(default_factory=dict)
     max_failures: int = Field(2, ge=0)  # retries of a failed trial
     window: int = Field(10, gt=0)  # W: episodes averaged by the metrics
+    # Units (arm x env/task x seed) one Tune trial steps in lockstep, one env each: its imitator
+    # units share one model call per step (plan.trial_batches). 1: one trial per unit. The teacher
+    # arm always runs one unit per trial.
+    lockstep: int = Field(16, gt=0)
 
 
 @dataclass(config=_STRICT)

@@ -1,27 +1,33 @@
-"""Evaluate stage: the grid of docs/design.md's tests as one Ray Tune experiment, one trial per arm.
+"""Evaluate stage: the grid of docs/design.md's tests as one Ray Tune experiment.
 
     python -m pipeline evaluate --preset quick      # after train; then: python -m pipeline report --preset quick
     tensorboard --logdir runs/quick/tune            # every trial's charts/episodic_return against env steps
 
-Each trial runs one arm for `horizon` env steps after a cutoff and reports every finished episode
-to Tune (charts/episodic_return, charts/episodic_length, charts/env_steps counted from the cutoff):
+The grid's units (plan.TrialSpec: one arm on one env/task and seed, for a cutoff) run `horizon`
+env steps after the cutoff. A Tune trial runs a batch of up to `evaluate.lockstep` units of one
+arm, test, cutoff, imitator and context in lockstep (plan.trial_batches), each in its own env,
+and reports every finished episode to Tune with its unit's trial_id (unit, charts/episodic_return,
+charts/episodic_length, charts/env_steps counted from the cutoff); its last report
+(trial/finished) marks every unit of the batch finished. The arms:
   imitator  the frozen imitator of the cutoff (every size and context length trained), rolled
-            out with its KV cache; context primed with the teacher's last pre-cutoff steps, or empty
+            out with its KV cache, one model call per step for the whole batch; each unit's
+            context primed with its teacher's last pre-cutoff steps, or empty
   teacher   the teacher restored from its checkpoint at the cutoff, continuing to learn; on held-out
-            tasks or envs, a fresh teacher learning from scratch
+            tasks or envs, a fresh teacher learning from scratch; one unit per trial
   snapshot  the teacher's frozen greedy policy at the cutoff
   random    uniformly random actions
-Tune stores everything under {store}/{experiment}/tune (s3:// works); rerunning the same command
-restores the experiment and runs only the trials that are missing or failed.
+Tune stores everything under {store}/{experiment}/tune (s3:// works), one folder per trial named by
+its batch id (a one-unit batch by its unit's trial_id); rerunning the same command restores the
+experiment and runs only the trials that are missing or failed.
 """
-
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -32,10 +38,10 @@ from pipeline.config import Preset, Resources
 from pipeline.envs import make_env
 from pipeline.errors import PipelineError
 from pipeline.history import TeacherHistory
-from pipeline.metrics import ENV_STEPS, EPISODIC_LENGTH, EPISODIC_RETURN, TRIAL_FINISHED
-from pipeline.plan import PRIMED, TrialSpec, trial_specs
+from pipeline.metrics import ENV_STEPS, EPISODIC_LENGTH, EPISODIC_RETURN, TRIAL_FINISHED, UNIT
+from pipeline.plan import PRIMED, TrialBatch, TrialSpec, trial_batches, trial_specs
 from pipeline.runtime import ensure_ray
-from pipeline.rollout import ImitatorPolicy
+from pipeline.rollout import ImitatorPolicy, left_padded
 from pipeline.schema import Transitions, check_schema
 from pipeline.store import Store
 from pipeline.teachers import make_teacher
@@ -46,10 +52,10 @@ class EvaluateError(PipelineError):
     """The grid cannot run from what is in the store; the message names what is missing."""
 
 
-# --- the arms: each yields (env steps since the cutoff, episode return, episode length) per finished episode ---
+# --- the arms: each runs a batch's units in lockstep and yields every finished episode ---
 
-Episode = tuple[int, float, int]
-RUNNERS: dict[str, Callable[[TrialSpec, Store, str], Iterator[Episode]]] = {}  # arm name -> its rollout
+Episode = tuple[int, int, float, int]  # (unit's index in the batch, env steps since the cutoff, return, length)
+RUNNERS: dict[str, Callable[[list[TrialSpec], Store, str], Iterator[Episode]]] = {}  # arm name -> its rollout
 
 
 def runs(arm: str):
@@ -60,7 +66,7 @@ def runs(arm: str):
     return register
 
 
-def episodes_of(batch: Transitions, offset: int, skip_partial_first: bool) -> Iterator[Episode]:
+def episodes_of(batch: Transitions, offset: int, skip_partial_first: bool) -> Iterator[tuple[int, float, int]]:
     """Finished episodes of a batch of transitions, the step counted from `offset`."""
     ends = np.flatnonzero(batch.terminated | batch.truncated)
     start = 0
@@ -83,7 +89,8 @@ def _restored_teacher(trial: TrialSpec, store: Store, experiment: str):
 
 
 @runs(TEACHER)
-def teacher_arm(trial: TrialSpec, store: Store, experiment: str) -> Iterator[Episode]:
+def teacher_arm(units: list[TrialSpec], store: Store, experiment: str) -> Iterator[Episode]:
+    (trial,) = units  # plan.trial_batches: one learning teacher per trial
     scratch = trial.test != EXTRAPOLATION
     teacher = _teacher_of(trial)[0] if scratch else _restored_teacher(trial, store, experiment)
     try:
@@ -91,43 +98,63 @@ def teacher_arm(trial: TrialSpec, store: Store, experiment: str) -> Iterator[Epi
         done, first = 0, True
         while done < trial.horizon:
             batch = teacher.train_steps(min(chunk, trial.horizon - done))
-            yield from episodes_of(batch, done, skip_partial_first=first)  # an episode begun before the cutoff is left out
+            for episode in episodes_of(batch, done, skip_partial_first=first):  # an episode begun before the cutoff is left out
+                yield 0, *episode
             done, first = done + len(batch), False
     finally:
         teacher.close()
 
 
-def _rollout(trial: TrialSpec, act: Callable[[Any, bool], int], observe: Callable[[float], None] = lambda r: None) -> Iterator[Episode]:
-    env = make_env(trial.env_id, **trial.env_kwargs)
+@contextmanager
+def _envs(units: list[TrialSpec]):
+    envs = [make_env(unit.env_id, **unit.env_kwargs) for unit in units]
     try:
-        obs, _ = env.reset(seed=trial.seed)
-        first, total, length = True, 0.0, 0
-        for step in range(1, trial.horizon + 1):
-            obs, reward, terminated, truncated, _ = env.step(act(obs, first))
-            observe(float(reward))
-            total, length, first = total + float(reward), length + 1, False
-            if terminated or truncated:
-                yield step, total, length
-                obs, _ = env.reset()
-                first, total, length = True, 0.0, 0
+        yield envs
     finally:
-        env.close()
+        for env in envs:
+            env.close()
+
+
+def _lockstep(units: list[TrialSpec], envs: list, act: Callable[[list, np.ndarray], Sequence[int]],
+              observe: Callable[[np.ndarray], None] = lambda rewards: None) -> Iterator[Episode]:
+    """Every unit's env stepped `horizon` times in lockstep, each seeded by its unit: act(observations,
+    first) gives one action per env (first[i]: env i's episode has just begun), observe(rewards)
+    sees what they returned. An env whose episode ends is reset on its own."""
+    obs = [env.reset(seed=unit.seed)[0] for env, unit in zip(envs, units)]
+    first = np.ones(len(envs), bool)
+    totals, lengths = np.zeros(len(envs)), np.zeros(len(envs), np.int64)
+    for step in range(1, units[0].horizon + 1):
+        actions = act(obs, first)
+        rewards = np.zeros(len(envs), np.float32)
+        for i, env in enumerate(envs):
+            obs[i], rewards[i], terminated, truncated, _ = env.step(int(actions[i]))
+            first[i] = terminated or truncated
+        observe(rewards)
+        totals, lengths = totals + rewards, lengths + 1
+        for i in np.flatnonzero(first):
+            yield int(i), step, float(totals[i]), int(lengths[i])
+            obs[i] = envs[i].reset()[0]
+        totals[first], lengths[first] = 0.0, 0
 
 
 @runs(SNAPSHOT)
-def snapshot_arm(trial: TrialSpec, store: Store, experiment: str) -> Iterator[Episode]:
-    teacher = _restored_teacher(trial, store, experiment)
+def snapshot_arm(units: list[TrialSpec], store: Store, experiment: str) -> Iterator[Episode]:
+    teachers = []
     try:
-        yield from _rollout(trial, teacher.act)
+        teachers += [_restored_teacher(unit, store, experiment) for unit in units]
+        with _envs(units) as envs:
+            yield from _lockstep(units, envs, lambda obs, first: [t.act(o, f) for t, o, f in zip(teachers, obs, first)])
     finally:
-        teacher.close()
+        for teacher in teachers:
+            teacher.close()
 
 
 @runs(RANDOM)
-def random_arm(trial: TrialSpec, store: Store, experiment: str) -> Iterator[Episode]:
-    env = make_env(trial.env_id, **trial.env_kwargs)
-    env.action_space.seed(trial.seed)
-    yield from _rollout(trial, lambda obs, first: env.action_space.sample())
+def random_arm(units: list[TrialSpec], store: Store, experiment: str) -> Iterator[Episode]:
+    with _envs(units) as envs:
+        for env, unit in zip(envs, units):
+            env.action_space.seed(unit.seed)
+        yield from _lockstep(units, envs, lambda obs, first: [env.action_space.sample() for env in envs])
 
 
 def load_trial_imitator(trial: TrialSpec, store: Store, experiment: str):
@@ -144,13 +171,22 @@ def load_trial_imitator(trial: TrialSpec, store: Store, experiment: str):
 
 
 @runs(IMITATOR)
-def imitator_arm(trial: TrialSpec, store: Store, experiment: str) -> Iterator[Episode]:
-    model = load_trial_imitator(trial, store, experiment)
-    policy = ImitatorPolicy(model, batch_size=1, temperature=trial.temperature, seed=trial.seed)
-    if trial.context == PRIMED:
-        policy.prime(*_pre_cutoff_steps(trial, store, experiment, model.args.context_steps))
-    act = lambda obs, first: int(policy.act(np.asarray(obs)[None], np.array([first]))[0])  # noqa: E731
-    yield from _rollout(trial, act, lambda reward: policy.observe(np.array([reward], np.float32)))
+def imitator_arm(units: list[TrialSpec], store: Store, experiment: str) -> Iterator[Episode]:
+    """One policy steps every unit's env: one model call per step for the whole batch. The batch's
+    sampling stream is seeded by its first unit."""
+    model = load_trial_imitator(units[0], store, experiment)
+    yield from imitator_rollout(model, units, [_pre_cutoff_steps(unit, store, experiment, model.args.context_steps)
+                                               for unit in units] if units[0].context == PRIMED else None)
+
+
+def imitator_rollout(model, units: list[TrialSpec], primes: list | None) -> Iterator[Episode]:
+    """The imitator arm on a loaded model; primes: per unit, its recorded steps (obs, action, reward,
+    first) to prime its context with, or None for empty contexts."""
+    policy = ImitatorPolicy(model, batch_size=len(units), temperature=units[0].temperature, seed=units[0].seed)
+    if primes is not None:
+        policy.prime(*left_padded(primes))
+    with _envs(units) as envs:
+        yield from _lockstep(units, envs, lambda obs, first: policy.act(np.asarray(obs), first), policy.observe)
 
 
 def _pre_cutoff_steps(trial: TrialSpec, store: Store, experiment: str, count: int):
@@ -164,19 +200,21 @@ def _pre_cutoff_steps(trial: TrialSpec, store: Store, experiment: str, count: in
     return batch.obs[keep], batch.action[keep], batch.reward[keep], batch.episode_step[keep] == 0
 
 
-
 def run_trial(config: dict[str, Any]) -> None:
-    """The Tune trainable: one arm, reporting every finished episode."""
+    """The Tune trainable: one batch of units in lockstep, reporting every finished episode under its
+    unit's trial_id; the last report (trial/finished) says that every unit ran its whole horizon."""
     import torch
     from ray import tune
     from ray.tune.result import TIMESTEPS_TOTAL
 
     torch.set_num_threads(1)
-    trial = TrialSpec(**config["trial"])
-    # timesteps_total is the step Tune's TensorBoard logger plots against: env steps, not reports.
-    for steps, episode_return, length in RUNNERS[trial.arm](trial, Store(config["store"]), config["experiment"]):
-        tune.report({ENV_STEPS: steps, EPISODIC_RETURN: episode_return, EPISODIC_LENGTH: length, TIMESTEPS_TOTAL: steps})
-    tune.report({ENV_STEPS: trial.horizon, TRIAL_FINISHED: True, TIMESTEPS_TOTAL: trial.horizon})
+    batch = TrialBatch.from_config(config["batch"])
+    units = list(batch.units)
+    # timesteps_total is the step Tune's TensorBoard logger plots against: env steps, the same for every unit.
+    for unit, steps, episode_return, length in RUNNERS[batch.arm](units, Store(config["store"]), config["experiment"]):
+        tune.report({UNIT: units[unit].trial_id, ENV_STEPS: steps, EPISODIC_RETURN: episode_return,
+                     EPISODIC_LENGTH: length, TIMESTEPS_TOTAL: steps})
+    tune.report({ENV_STEPS: batch.horizon, TRIAL_FINISHED: True, TIMESTEPS_TOTAL: batch.horizon})
 
 
 # --- the stage ---
@@ -199,7 +237,7 @@ def check_inputs(trials: list[TrialSpec], store: Store, experiment: str) -> None
 
 
 def evaluate(preset: Preset, store: Store, experiment: str, log: Callable[[str], None] = print):
-    """Run the missing trials of the preset's grid; returns Tune's ResultGrid."""
+    """Run the missing trials of the preset's grid; returns Tune's ResultGrid (one result per batch)."""
     import ray
     from ray import tune
 
@@ -207,23 +245,24 @@ def evaluate(preset: Preset, store: Store, experiment: str, log: Callable[[str],
     if not trials:
         log("evaluate: the preset lists no tests (evaluate.imitators)")
         return None
-    layout.record_settings(store, layout.grid_file(experiment), [asdict(t) for t in trials],
-                           what="an evaluation grid", experiment=experiment)
+    settings = preset.evaluate
+    batches = trial_batches(trials, settings.lockstep)
+    layout.record_settings(store, layout.grid_file(experiment), grid_record(trials, batches, settings.lockstep),
+                           what="an evaluation grid", experiment=experiment, upgrade=_grid_before_lockstep)
     check_inputs(trials, store, experiment)
     ensure_ray()
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's compact status table instead of every trial's config
     fs, path = store.arrow_fs, store.full(layout.tune_dir(experiment))
-    settings = preset.evaluate
     resources = {arm: settings.trial_resources.get(arm, Resources()).tune_resources() for arm in RUNNERS}
-    trainable = tune.with_resources(run_trial, lambda config: resources[config["trial"]["arm"]])
+    trainable = tune.with_resources(run_trial, lambda config: resources[config["batch"]["arm"]])
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         log(f"evaluate: resuming {store.url(layout.tune_dir(experiment))}: only missing or failed trials run")
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     else:
-        log(f"evaluate: {len(trials)} trials into {store.url(layout.tune_dir(experiment))}")
+        log(f"evaluate: {len(trials)} units in {len(batches)} trials into {store.url(layout.tune_dir(experiment))}")
         tuner = tune.Tuner(
             trainable,
-            param_space={"trial": tune.grid_search([asdict(t) for t in longest_first(trials)]), "store": store.uri,
+            param_space={"batch": tune.grid_search([b.config() for b in longest_first(batches)]), "store": store.uri,
                          "experiment": experiment},
             tune_config=tune.TuneConfig(max_concurrent_trials=settings.max_concurrent_trials or _trials_that_fit(resources),
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
@@ -232,19 +271,35 @@ def evaluate(preset: Preset, store: Store, experiment: str, log: Callable[[str],
                                       failure_config=tune.FailureConfig(max_failures=settings.max_failures), verbose=1,
                                       progress_reporter=tune.CLIReporter(
                                           metric_columns={ENV_STEPS: "env steps", EPISODIC_RETURN: "return"},
-                                          parameter_columns={"trial/arm": "arm"}, max_progress_rows=12,
+                                          parameter_columns={"batch/arm": "arm"}, max_progress_rows=12,
                                           max_report_frequency=30)),
         )
     results = tuner.fit()
     failed = [r for r in results if r.error]
-    log(f"evaluate: {len(results) - len(failed)}/{len(trials)} trials finished" + (f", {len(failed)} failed" if failed else ""))
+    log(f"evaluate: {len(results) - len(failed)}/{len(batches)} trials finished" + (f", {len(failed)} failed" if failed else ""))
     return results
 
 
-def longest_first(trials: list[TrialSpec]) -> list[TrialSpec]:
+def grid_record(trials: list[TrialSpec], batches: list[TrialBatch], lockstep: int) -> dict[str, Any]:
+    """_grid.json: the units, and the Tune trial (batch) that runs each; a rerun must plan the same."""
+    return {"lockstep": lockstep, "trials": [asdict(t) for t in trials],
+            "batches": {b.batch_id: [u.trial_id for u in b.units] for b in batches}}
+
+
+def _grid_before_lockstep(stored):
+    """A grid recorded before evaluate.lockstep (a list of TrialSpecs, one Tune trial each), in
+    today's form: a rerun of such an experiment is refused, naming lockstep, since its Tune
+    trials hold one unit each in a config this version does not read."""
+    if isinstance(stored, dict):
+        return stored
+    return {"lockstep": "none (one Tune trial per unit, recorded before evaluate.lockstep)", "trials": stored}
+
+
+def longest_first(batches: list[TrialBatch]) -> list[TrialBatch]:
     """The grid in the order Tune should start it: long trials first, so that the last ones to
-    finish are short (with the long ones last, the run ends waiting on them with idle CPUs)."""
-    return sorted(trials, key=lambda t: -t.horizon * (1 + ARMS[t.arm].cost))
+    finish are short (with the long ones last, the run ends waiting on them with idle CPUs). A
+    trial's length is taken as horizon x arm cost x units, an overestimate for batched imitators."""
+    return sorted(batches, key=lambda b: -b.horizon * (1 + ARMS[b.arm].cost) * len(b.units))
 
 
 def _trials_that_fit(resources: dict[str, dict[str, float]]) -> int:
@@ -255,4 +310,4 @@ def _trials_that_fit(resources: dict[str, dict[str, float]]) -> int:
 
 
 def _trial_name(trial) -> str:
-    return trial.config["trial"]["trial_id"]
+    return trial.config["batch"]["batch_id"]

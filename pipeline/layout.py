@@ -7,8 +7,9 @@ that become paths. Pure: no I/O beyond `record_settings`, no Ray, no torch.
     {experiment}/teachers/{id}/step={t}/                           teacher checkpoints
     {experiment}/imitators/cutoff={c}/{imitator}/                  Ray Train run: checkpoint_*/, tensorboard/,
                                                                    _imitator.json (plan.ImitatorSpec), _done.json
-    {experiment}/tune/                                             Tune storage: {trial_id}/result.json, ...
-    {experiment}/_grid.json                                        the evaluation grid (plan.TrialSpec list)
+    {experiment}/tune/                                             Tune storage: {batch_id}/result.json, ...
+    {experiment}/_grid.json                                        the evaluation grid: units (plan.TrialSpec)
+                                                                   and the Tune trial (plan.TrialBatch) of each
     {experiment}/report/                                           report.md, *.parquet, *.png, _preset.json
 """
 
@@ -25,7 +26,7 @@ TEACHER_SPEC_FILE = "_teacher.json"  # beside a teacher's history
 MANIFEST_FILE = "_manifest.json"
 IMITATOR_SPEC_FILE = "_imitator.json"  # in an imitator's folder; a rerun with other settings is refused
 DONE_FILE = "_done.json"  # written once an imitator finished training: final metrics and checkpoint path
-GRID_FILE = "_grid.json"  # the trials of an experiment; a rerun with another grid is refused
+GRID_FILE = "_grid.json"  # the units of an experiment and their Tune trials; a rerun with another grid is refused
 TUNE_DIR = "tune"
 REPORT_DIR = "report"
 TRIAL_RESULT_FILE = "result.json"  # what Tune writes in each trial's folder
@@ -84,8 +85,9 @@ def tune_dir(experiment: str) -> str:
     return f"{experiment}/{TUNE_DIR}"
 
 
-def trial_result(experiment: str, trial_id: str) -> str:
-    return f"{tune_dir(experiment)}/{trial_id}/{TRIAL_RESULT_FILE}"
+def trial_result(experiment: str, batch_id: str) -> str:
+    """The result.json of one Tune trial, a batch of units (plan.TrialBatch): every unit's episodes."""
+    return f"{tune_dir(experiment)}/{batch_id}/{TRIAL_RESULT_FILE}"
 
 
 def grid_file(experiment: str) -> str:

@@ -28,7 +28,8 @@ import pandas as pd
 EPISODIC_RETURN = "charts/episodic_return"
 EPISODIC_LENGTH = "charts/episodic_length"
 ENV_STEPS = "charts/env_steps"  # env steps the arm has taken, from 0 at the cutoff
-TRIAL_FINISHED = "trial/finished"  # in a trial's last report only: the arm ran its whole horizon
+TRIAL_FINISHED = "trial/finished"  # in a Tune trial's last report only: every unit ran its whole horizon
+UNIT = "unit"  # in each episode's report: the trial_id of the unit (plan.TrialSpec) the episode belongs to
 
 # Defaults.
 WINDOW = 10  # episodes in a W-episode mean

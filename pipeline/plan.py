@@ -3,6 +3,7 @@
     teachers = teacher_specs(preset)     # collect: one TeacherSpec per (group, task, seed)
     imitators = imitator_specs(preset)   # train: one ImitatorSpec per (group, cutoff, size, context)
     trials = trial_specs(preset)         # evaluate: one TrialSpec per (test, unit, arm, variant)
+    batches = trial_batches(trials, preset.evaluate.lockstep)   # evaluate: the Tune trials that run them
 
 Each spec is stored beside what its stage writes (layout.py), so a rerun with other settings is
 refused instead of mixing two experiments. The cutoff steps are computed here only.
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline import layout
-from pipeline.arms import CONTROL, EXTRAPOLATION, IMITATOR, TRANSFER, arms_for
+from pipeline.arms import CONTROL, EXTRAPOLATION, IMITATOR, TEACHER, TRANSFER, arms_for
 from pipeline.envs import make_env
 from pipeline.schema import ObsEncoding
 from pipeline.teachers import algo_config
@@ -202,7 +203,8 @@ def imitator_specs(preset) -> list[ImitatorSpec]:
 
 @dataclass(frozen=True)
 class TrialSpec:
-    """One arm on one env/task, cutoff and seed; JSON-able (it is the Tune trial's config)."""
+    """One arm on one env/task, cutoff and seed: the unit the report reads, under its trial_id.
+    JSON-able; a TrialBatch of them is one Tune trial's config."""
 
     trial_id: str
     test: str  # arms.TESTS
@@ -277,3 +279,58 @@ def _transfer(scratch: TeacherSpec, index: int, variants: list[ImitatorSpec], te
     base = dict(test=test, env_id=scratch.env_id, env_kwargs=scratch.env_kwargs, task_id=scratch.task_id,
                 seed=index * 1000 + scratch.seed, teacher=asdict(scratch), **common)
     return _arm_trials(test, f"{test[0]}-{scratch.teacher_id}-c{common['cutoff']:g}", base, variants, [EMPTY])
+
+
+@dataclass(frozen=True)
+class TrialBatch:
+    """Units (TrialSpecs) that one Tune trial steps in lockstep, each in its own env, for the same
+    horizon: one test, group, cutoff, arm, imitator and context. Named by its only unit's trial_id,
+    else by what its units share and its number."""
+
+    batch_id: str
+    units: tuple[TrialSpec, ...]
+
+    @property
+    def arm(self) -> str:
+        return self.units[0].arm
+
+    @property
+    def horizon(self) -> int:
+        return self.units[0].horizon
+
+    def config(self) -> dict[str, Any]:
+        """As the Tune trial's config holds it (JSON types); `arm` is there for Tune's resources and table."""
+        return {"batch_id": self.batch_id, "arm": self.arm, "units": [asdict(unit) for unit in self.units]}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TrialBatch:
+        return cls(config["batch_id"], tuple(TrialSpec(**unit) for unit in config["units"]))
+
+
+def trial_batches(trials: list[TrialSpec], lockstep: int) -> list[TrialBatch]:
+    """The grid's units grouped into Tune trials of at most `lockstep` units each, split evenly:
+    units of one test, group, cutoff, arm, imitator and context share a trial, in grid order.
+    A trial of the imitator steps all its envs through one model call per step, and the snapshot
+    and random arms at least share the trial's start and its reports. The teacher arm keeps one
+    unit per trial: a teacher that keeps learning costs its own updates per step, which stepping
+    several teachers together would not share."""
+    groups: dict[tuple, list[TrialSpec]] = {}
+    for trial in trials:
+        key = (trial.trial_id,) if trial.arm == TEACHER else (
+            trial.test, trial.group, trial.cutoff, trial.arm, trial.imitator, trial.context)
+        groups.setdefault(key, []).append(trial)
+    return [TrialBatch(_batch_id(chunk, number), tuple(chunk))
+            for members in groups.values() for number, chunk in enumerate(_even_chunks(members, lockstep))]
+
+
+def _even_chunks(members: list, most: int) -> list[list]:
+    count = -(-len(members) // most)
+    return [members[i * len(members) // count:(i + 1) * len(members) // count] for i in range(count)]
+
+
+def _batch_id(units: list[TrialSpec], number: int) -> str:
+    if len(units) == 1:
+        return units[0].trial_id
+    unit = units[0]
+    variant = f"{unit.imitator}-{unit.context}" if unit.arm == IMITATOR else f"{unit.group}-{unit.arm}"
+    return f"{unit.test}-c{unit.cutoff:g}-{variant}-b{number}"

@@ -1,20 +1,26 @@
 """The evaluate stage for real: the smoke grid through Ray Tune on a local folder and on the moto
-S3 server, TensorBoard files with the documented tags, and an interrupted grid finished by rerun."""
+S3 server, TensorBoard files with the documented tags, units run in lockstep and each episode
+reported under its own unit, and an interrupted grid finished by rerun."""
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import pytest
 
-from pipeline.config import load_preset
-from pipeline.arms import ARMS
-from pipeline.evaluate import RUNNERS, EvaluateError, evaluate
-from pipeline.plan import trial_specs
+from pipeline import layout
+from pipeline.config import ConfigError, load_preset
+from pipeline.arms import ARMS, IMITATOR, RANDOM, SNAPSHOT, TEACHER
+from pipeline.evaluate import RUNNERS, EvaluateError, evaluate, grid_record
+from pipeline.plan import trial_batches, trial_specs
 from pipeline.metrics import ENV_STEPS, EPISODIC_RETURN, TRIAL_FINISHED
+from pipeline.report.stage import gather
+from pipeline.report.tables import EPISODE_STEPS, OK, RETURN, STATUS, TRIAL_ID
 from pipeline.store import Store
 
 from conftest import REPO
@@ -29,13 +35,16 @@ def copy_of(trained, tmp_path) -> Store:
     return Store(str(tmp_path))
 
 
+def batches_of(preset):
+    return trial_batches(trial_specs(preset), preset.evaluate.lockstep)
+
+
 def check_results(results, preset):
-    expected = {t.trial_id for t in trial_specs(preset)}
-    assert {r.config["trial"]["trial_id"] for r in results} == expected
+    assert {r.config["batch"]["batch_id"] for r in results} == {b.batch_id for b in batches_of(preset)}
     for result in results:
         assert result.error is None, result.error
         frame = result.metrics_dataframe
-        assert frame[ENV_STEPS].max() <= result.config["trial"]["horizon"]
+        assert frame[ENV_STEPS].max() <= result.config["batch"]["units"][0]["horizon"]
         assert frame[EPISODIC_RETURN].iloc[:-1].notna().all() and frame[TRIAL_FINISHED].iloc[-1]
 
 
@@ -45,14 +54,52 @@ def test_smoke_grid_runs_through_tune_with_tensorboard_files(trained, tmp_path):
     results = evaluate(preset, store, "exp", **QUIET)
     check_results(results, preset)
     events = [p for p in (tmp_path / "exp" / "tune").rglob("events.out.tfevents*")]
-    assert len({p.parent for p in events}) == len(trial_specs(preset))  # one TensorBoard log per trial
+    assert len({p.parent for p in events}) == len(batches_of(preset))  # one TensorBoard log per trial
     assert all(f"ray/tune/{EPISODIC_RETURN}".encode() in p.read_bytes() for p in events)
     # TensorBoard plots the return against env steps (the trial's charts/env_steps), not against reports
     for result in results:
-        folder = tmp_path / "exp" / "tune" / result.config["trial"]["trial_id"]
+        folder = tmp_path / "exp" / "tune" / result.config["batch"]["batch_id"]
         returns = tensorboard_scalars(folder, f"ray/tune/{EPISODIC_RETURN}")
         reported = result.metrics_dataframe.dropna(subset=[EPISODIC_RETURN])
         assert returns == list(zip(reported[ENV_STEPS], reported[EPISODIC_RETURN])), folder
+
+
+LOCKSTEP = ["evaluate.lockstep=3", "evaluate.imitators.darkroom.teachers=4",
+            "evaluate.imitators.darkroom.heldout_seeds=[0,1,2]"]
+
+
+def test_units_in_lockstep_report_each_episode_under_its_own_unit(trained, tmp_path):
+    """Four extrapolation units per arm run as Tune trials of 2 and 2, three transfer units as one
+    trial of 3: the report gets every unit's episodes, the same as that unit run alone."""
+    store = copy_of(trained, tmp_path)
+    preset = load_preset("smoke", LOCKSTEP)
+    units, batches = trial_specs(preset), batches_of(preset)
+    assert sorted(len(b.units) for b in batches if b.arm != TEACHER) == [2] * 6 + [3] * 2
+    check_results(evaluate(preset, store, "exp", **QUIET), preset)
+    trials, episodes, _ = gather(preset, store, "exp")
+    assert len(trials) == len(units) and (trials[STATUS] == OK).all()
+    by_unit = {unit: list(zip(rows[EPISODE_STEPS], rows[RETURN])) for unit, rows in episodes.groupby(TRIAL_ID)}
+    episode_len = preset.collect.teachers["darkroom"].env_kwargs["episode_len"]
+    assert all(len(by_unit[u.trial_id]) == u.horizon // episode_len for u in units if u.arm != TEACHER)
+    for arm in (RANDOM, SNAPSHOT):  # deterministic given the unit's seed: the same alone as in its batch
+        alone = {u.trial_id: [(steps, ret) for _, steps, ret, _ in RUNNERS[arm]([u], store, "exp")]
+                 for u in units if u.arm == arm}
+        assert alone == {unit: by_unit[unit] for unit in alone}
+        assert len({tuple(episodes) for episodes in alone.values()}) > 1  # units differ: a mix-up would show
+    assert {u.trial_id for u in units if u.arm == IMITATOR} <= set(by_unit)
+
+
+def test_a_rerun_with_another_lockstep_or_a_grid_from_before_lockstep_is_refused(trained, tmp_path):
+    store = copy_of(trained, tmp_path)
+    preset = load_preset("smoke", LOCKSTEP)
+    grid = grid_record(trial_specs(preset), batches_of(preset), preset.evaluate.lockstep)
+    layout.record_settings(store, layout.grid_file("exp"), grid, what="an evaluation grid", experiment="exp")
+    with pytest.raises(ConfigError, match=r"already holds an evaluation grid with other settings \(lockstep: 3 then, 2 now"):
+        evaluate(load_preset("smoke", LOCKSTEP + ["evaluate.lockstep=2"]), store, "exp", **QUIET)
+    store.write_bytes(layout.grid_file("exp"), json.dumps([asdict(t) for t in trial_specs(preset)]).encode())
+    with pytest.raises(ConfigError, match=r"\(lockstep: 'none \(one Tune trial per unit, recorded before evaluate.lockstep\)' then, 3 now"):
+        evaluate(preset, store, "exp", **QUIET)
+    assert not (tmp_path / "exp" / "tune").exists()
 
 
 def tensorboard_scalars(folder, tag: str) -> list[tuple[int, float]]:
@@ -98,7 +145,7 @@ def test_interrupted_grid_reruns_only_missing_trials(trained, tmp_path, ray_addr
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     before = finished_trials(tune_dir)
-    assert 2 <= len(before) < len(trial_specs(preset))
+    assert 2 <= len(before) < len(batches_of(preset))
     results = evaluate(preset, store, "exp", **QUIET)
     check_results(results, preset)
     after = finished_trials(tune_dir)

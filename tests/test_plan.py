@@ -8,10 +8,10 @@ import pytest
 
 from conftest import REPO
 from pipeline import layout
-from pipeline.arms import ARMS, CONTROL, EXTRAPOLATION, TRANSFER, arms_for
+from pipeline.arms import ARMS, CONTROL, EXTRAPOLATION, TEACHER, TRANSFER, arms_for
 from pipeline.config import ConfigError, load_preset
 from pipeline.errors import PipelineError
-from pipeline.plan import ImitatorSpec, imitator_specs, trial_specs
+from pipeline.plan import ImitatorSpec, TrialBatch, imitator_specs, trial_batches, trial_specs
 
 
 def test_plan_layout_and_arms_import_neither_ray_nor_torch():
@@ -29,6 +29,40 @@ def test_every_trial_arm_is_in_the_registry_and_runs_in_its_tests():
         assert trial.arm in arms_for(trial.test)
     snapshot_tests = {t.test for t in trials if t.arm == "snapshot"}
     assert snapshot_tests == set(ARMS["snapshot"].tests) == {EXTRAPOLATION}
+
+
+def shared(unit):
+    return unit.test, unit.group, unit.cutoff, unit.arm, unit.imitator, unit.context
+
+
+@pytest.mark.parametrize("lockstep", [1, 5, 16])
+def test_units_are_grouped_into_trials_of_one_arm_and_test_teachers_alone(lockstep):
+    units = trial_specs(load_preset("quick"))
+    batches = trial_batches(units, lockstep)
+    order = [u.trial_id for u in units]
+    assert sorted(order.index(u.trial_id) for b in batches for u in b.units) == list(range(len(units)))  # each once
+    assert len({b.batch_id for b in batches}) == len(batches)
+    for batch in batches:
+        assert 1 <= len(batch.units) <= (1 if batch.arm == TEACHER else lockstep)
+        assert len({shared(u) for u in batch.units}) == 1
+        assert sorted(batch.units, key=lambda u: order.index(u.trial_id)) == list(batch.units)
+        assert (batch.batch_id == batch.units[0].trial_id) == (len(batch.units) == 1)
+        config = json.loads(json.dumps(batch.config()))  # as Tune stores it
+        assert TrialBatch.from_config(config).config() == config and config["arm"] == batch.arm
+    # units that could share a trial fill as few trials as the limit allows, of sizes differing by at most one
+    for key in {shared(u) for u in units if u.arm != TEACHER}:
+        sizes = [len(b.units) for b in batches if shared(b.units[0]) == key]
+        assert len(sizes) == -(-sum(sizes) // lockstep) and max(sizes) - min(sizes) <= 1
+    if lockstep == 1:
+        assert sorted(b.batch_id for b in batches) == sorted(order)
+
+
+def test_the_quick_grid_runs_in_fewer_fuller_trials():
+    preset = load_preset("quick")
+    units, batches = trial_specs(preset), trial_batches(trial_specs(preset), preset.evaluate.lockstep)
+    control = [b for b in batches if b.units[0].test == CONTROL and b.arm == "imitator"]
+    assert [len(b.units) for b in control] == [16]  # the 16 held-out goals in one imitator trial
+    assert len(batches) < len(units) / 2
 
 
 def test_imitator_spec_carries_its_size_and_reads_old_records_without_it():

@@ -11,22 +11,27 @@ frozen snapshot's level: on a teacher curve this steep the snapshot itself plays
 a W-episode mean lags a rising curve.)
 """
 
+import json
+from dataclasses import asdict
+
 import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from pipeline.metrics import (B_C, CEILING_EXCEEDANCE, COUNT, CUTOFF, DOES_NOT, ENV, EXTRAPOLATES, FINAL_IMITATOR,
-                              FINAL_TEACHER, FIRST_IMITATOR, L_C, MISSING_SEEDS, N_SEEDS, PER_SEED_METRICS, SEED,
-                              TRANSFER_AUC_RATIO, VERDICT, Curve, missing_status, per_seed_metrics, transfer_auc_ratio)
+from pipeline.metrics import (B_C, CEILING_EXCEEDANCE, COUNT, CUTOFF, DOES_NOT, ENV, ENV_STEPS, EPISODIC_RETURN,
+                              EXTRAPOLATES, FINAL_IMITATOR, FINAL_TEACHER, FIRST_IMITATOR, L_C, MISSING_SEEDS, N_SEEDS,
+                              PER_SEED_METRICS, SEED, TRANSFER_AUC_RATIO, TRIAL_FINISHED, UNIT, VERDICT, Curve,
+                              missing_status, per_seed_metrics, transfer_auc_ratio)
 from pipeline.config import load_preset
 from pipeline.errors import PipelineError
-from pipeline.layout import trial_result
-from pipeline.plan import trial_specs
+from pipeline.layout import grid_file, trial_result
+from pipeline.plan import trial_batches, trial_specs
 from pipeline.report.figures import mean_band, on_grid
 from pipeline.report.stage import build_report, gather
-from pipeline.report.tables import (CONTEXT_STEPS, CUTOFF_STEP, GROUP, HISTORY_COLUMNS, IN_CONTEXT_GAIN,
-                                    LEARNS_IN_CONTEXT, MISSING_TRIALS, TEST, ReportError)
+from pipeline.report.tables import (CONTEXT_STEPS, CUTOFF_STEP, EPISODE_STEPS, FAILED, GROUP, HISTORY_COLUMNS,
+                                    IN_CONTEXT_GAIN, LEARNS_IN_CONTEXT, MISSING, MISSING_TRIALS, OK, RETURN, STATUS,
+                                    TEST, TRIAL_ID, ReportError)
 from pipeline.store import Store
 
 EPISODE = 20  # env steps per synthetic episode
@@ -312,6 +317,46 @@ def test_a_damaged_result_json_is_refused_naming_the_file(tmp_path, line):
     message = str(caught.value)
     assert f"{store.url(path)} line 2 is damaged" in message and trial.trial_id in message, message
     assert "\n" not in message
+
+
+def write_results(store, batch_id: str, rows: list[dict]) -> None:
+    numbered = [{"training_iteration": i, **row} for i, row in enumerate(rows, start=1)]
+    store.write_bytes(trial_result("exp", batch_id), b"".join(json.dumps(r).encode() + b"\n" for r in numbered))
+
+
+def episode(unit: str, steps: int, value: float) -> dict:
+    return {UNIT: unit, ENV_STEPS: steps, EPISODIC_RETURN: value}
+
+
+def test_a_batch_gives_its_status_to_each_unit_and_each_unit_its_own_episodes(tmp_path):
+    # The positive control only (no teacher histories to read): 3 held-out runs per arm, in trials of 2 and 1.
+    preset = load_preset("smoke", ["train.imitators.darkroom.cutoffs=[1.0]", "evaluate.lockstep=2",
+                                   "evaluate.imitators.darkroom.heldout_seeds=[0,1,2]"])
+    finished, crashed = (next(b for b in trial_batches(trial_specs(preset), 2) if b.arm == arm and len(b.units) == 2)
+                         for arm in ("imitator", "random"))
+    store = Store(str(tmp_path))
+    first, second = (u.trial_id for u in finished.units)
+    write_results(store, finished.batch_id, [episode(first, 10, 1.0), episode(second, 10, 2.0), episode(first, 20, 3.0),
+                                             {ENV_STEPS: 100, TRIAL_FINISHED: True}])
+    write_results(store, crashed.batch_id, [episode(u.trial_id, 10, 0.0) for u in crashed.units])
+    trials, episodes, _ = gather(preset, store, "exp")
+    status = dict(zip(trials[TRIAL_ID], trials[STATUS]))
+    assert {status[u.trial_id] for u in finished.units} == {OK} and {status[u.trial_id] for u in crashed.units} == {FAILED}
+    assert set(status.values()) == {OK, FAILED, MISSING}  # units of trials that never ran are missing
+    mine = lambda unit: list(zip(*[episodes[episodes[TRIAL_ID] == unit][c] for c in (EPISODE_STEPS, RETURN)]))  # noqa: E731
+    assert mine(first) == [(10, 1.0), (20, 3.0)] and mine(second) == [(10, 2.0)]
+
+
+def test_a_grid_from_before_lockstep_is_read_as_one_trial_per_unit(tmp_path):
+    preset = load_preset("smoke", ["train.imitators.darkroom.cutoffs=[1.0]"])
+    units = trial_specs(preset)
+    store = Store(str(tmp_path))
+    store.write_bytes(grid_file("exp"), json.dumps([asdict(u) for u in units]).encode())
+    write_results(store, units[0].trial_id, [{ENV_STEPS: 10, EPISODIC_RETURN: 1.0},
+                                                  {ENV_STEPS: 100, TRIAL_FINISHED: True}])
+    trials, episodes, _ = gather(preset, store, "exp")
+    assert list(trials[STATUS]) == [OK] + [MISSING] * (len(units) - 1)
+    assert list(episodes[TRIAL_ID]) == [units[0].trial_id]
 
 
 def test_a_grid_with_only_the_positive_control_reports_it(tmp_path):

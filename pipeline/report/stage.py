@@ -21,8 +21,9 @@ from pipeline import layout
 from pipeline.arms import EXTRAPOLATION, IMITATOR, TESTS
 from pipeline.compare import across_reruns
 from pipeline.history import TeacherHistory
-from pipeline.metrics import CUTOFF, ENV, ENV_STEPS, EPISODIC_RETURN, N_RESAMPLES, SEED, TRIAL_FINISHED, WINDOW, Curve
-from pipeline.plan import TrialSpec, imitator_specs, trial_specs
+from pipeline.metrics import (CUTOFF, ENV, ENV_STEPS, EPISODIC_RETURN, N_RESAMPLES, SEED, TRIAL_FINISHED, UNIT, WINDOW,
+                              Curve)
+from pipeline.plan import TrialSpec, imitator_specs, trial_batches, trial_specs
 from pipeline.report.figures import draw_figures
 from pipeline.report.tables import (ARM, BUDGET, CONTEXT, CONTEXT_STEPS, CUTOFF_STEP, END_STEP, EPISODE_COLUMNS,
                                     EPISODE_STEPS, FAILED, GROUP, HISTORY_COLUMNS, HORIZON, METRICS_FILE, MISSING,
@@ -67,10 +68,10 @@ def build_report(trials: pd.DataFrame, episodes: pd.DataFrame, histories: pd.Dat
 
 
 def read_trial_results(store, experiment: str, trial_id: str) -> tuple[str, list[dict]]:
-    """(status, reported rows) of one Tune trial from its result.json in the store: "ok" when its
-    last attempt finished, "failed" when it did not, "missing" when the trial never started. A
-    retried trial's rows are those of its last attempt. A line that is not a JSON object raises
-    ReportError naming the file."""
+    """(status, reported rows) of one Tune trial (a batch of units) from its result.json in the
+    store: "ok" when its last attempt finished, "failed" when it did not, "missing" when the trial
+    never started. A retried trial's rows are those of its last attempt. A line that is not a JSON
+    object raises ReportError naming the file."""
     path = layout.trial_result(experiment, trial_id)
     try:
         data = store.read_bytes(path)
@@ -95,12 +96,34 @@ def read_trial_results(store, experiment: str, trial_id: str) -> tuple[str, list
     return (OK if rows and rows[-1].get(TRIAL_FINISHED) else FAILED), rows
 
 
+def trials_of_units(preset, store, experiment: str) -> dict[str, str]:
+    """Unit trial_id -> the Tune trial (batch) that ran it: as evaluate recorded it in _grid.json,
+    else as the preset plans it. A grid recorded before evaluate.lockstep ran each unit as its own
+    trial, named by its trial_id."""
+    path = layout.grid_file(experiment)
+    try:
+        grid = json.loads(store.read_bytes(path))
+    except FileNotFoundError:
+        return {u.trial_id: b.batch_id for b in trial_batches(trial_specs(preset), preset.evaluate.lockstep) for u in b.units}
+    except ValueError as error:
+        raise ReportError(f"report: {store.url(path)} is damaged ({error}); which trial ran which unit is unknown") from error
+    if isinstance(grid, list):
+        return {trial["trial_id"]: trial["trial_id"] for trial in grid}
+    return {unit: batch for batch, units in grid["batches"].items() for unit in units}
+
+
 def gather(preset, store, experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The three frames of build_report for the preset's grid, from what evaluate left in the store."""
+    """The three frames of build_report for the preset's grid, from what evaluate left in the store.
+    A unit has the status of the Tune trial that ran it and the episodes reported under its trial_id
+    (rows without a unit, from trials of one unit recorded before lockstep, are that unit's)."""
     variants = {spec.name: spec for spec in imitator_specs(preset)}
+    batch_of, batch_results = trials_of_units(preset, store, experiment), {}
     trials, episodes, teachers = [], [], {}
     for trial in trial_specs(preset):
-        status, rows = read_trial_results(store, experiment, trial.trial_id)
+        batch = batch_of.get(trial.trial_id)
+        if batch not in batch_results:
+            batch_results[batch] = read_trial_results(store, experiment, batch) if batch else (MISSING, [])
+        status, rows = batch_results[batch]
         variant = variants.get(trial.imitator)
         trials.append({
             TRIAL_ID: trial.trial_id, TEST: trial.test, ENV: trial.env_id, GROUP: trial.group,
@@ -110,7 +133,7 @@ def gather(preset, store, experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, 
             SIZE: variant.size if variant else "",
             HORIZON: trial.horizon, STATUS: status})
         episodes += [{TRIAL_ID: trial.trial_id, EPISODE_STEPS: row[ENV_STEPS], RETURN: row[EPISODIC_RETURN]}
-                     for row in rows if row.get(EPISODIC_RETURN) is not None]
+                     for row in rows if row.get(EPISODIC_RETURN) is not None and row.get(UNIT, trial.trial_id) == trial.trial_id]
         if trial.test == EXTRAPOLATION:
             teachers[trial.teacher_spec.teacher_id] = trial
     histories = [row for trial in teachers.values() for row in episode_rows(store, experiment, trial)]
