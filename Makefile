@@ -28,6 +28,8 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/lean_dqn.py
 	$(BIN)/python bench/lean_dqn_atari.py
 	$(BIN)/python bench/lean_ppo.py
+	$(BIN)/pip install --quiet -c constraints.txt stable-baselines3==2.9.2  # for the next benchmark only
+	$(BIN)/python bench/sb3_teachers.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/rollout_cache.py
 

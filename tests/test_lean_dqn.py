@@ -189,3 +189,28 @@ def test_dueling_q_is_value_plus_centred_advantage_and_greedy_is_its_argmax():
     advantage = net.advantage(h)
     torch.testing.assert_close(net(obs), net.value(h) + advantage - advantage.mean(1, keepdim=True))
     torch.testing.assert_close(net.greedy(obs), net(obs).argmax(1))
+
+
+@pytest.mark.parametrize("env_id, env_kwargs, dueling", [("CartPole-v1", {}, True), ("CartPole-v1", {}, False),
+                                                          ("DarkRoom-v0", {"size": 5}, True)])
+def test_numpy_greedy_acts_as_the_torch_network_after_updates_and_a_restore(tmp_path, env_id, env_kwargs, dueling):
+    t = teacher(budget=400, env_id=env_id, env_kwargs=env_kwargs, dueling=dueling, hidden=[32, 16],
+                learning_starts=32, train_batch_size=32)
+    assert t._numpy_greedy is not None  # CPU, not images
+
+    def agree(obs):  # obs: (N, *obs)
+        with torch.inference_mode():
+            expected = t.q.greedy(torch.as_tensor(obs)).tolist()
+        assert [t._greedy(o[None]) for o in obs] == expected
+
+    encoding = t.encoding
+    sample = (np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32) if encoding.kind == "vector"
+              else np.arange(encoding.n))
+    agree(sample)
+    t.train_steps(300)  # the optimizer changed the weights in place: the numpy views follow
+    assert t.updates > 0
+    agree(sample)
+    t.save(str(tmp_path))
+    other = teacher(budget=400, env_id=env_id, env_kwargs=env_kwargs, dueling=dueling, hidden=[32, 16], seed=1)
+    other.restore(str(tmp_path))
+    assert [other._greedy(o[None]) for o in sample] == [t._greedy(o[None]) for o in sample]
