@@ -32,6 +32,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/sb3_teachers.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/rollout_cache.py
+	$(BIN)/python bench/evaluate_throughput.py
 
 lock: $(VENV)/.installed  # after changing dependencies: pin what they resolved to
 	{ head -n 2 constraints.txt; $(BIN)/pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/'; } > constraints.new

@@ -142,11 +142,16 @@ def snapshot_arm(units: list[TrialSpec], store: Store, experiment: str) -> Itera
     teachers = []
     try:
         teachers += [_restored_teacher(unit, store, experiment) for unit in units]
-        with _envs(units) as envs:
-            yield from _lockstep(units, envs, lambda obs, first: [t.act(o, f) for t, o, f in zip(teachers, obs, first)])
+        yield from snapshot_rollout(teachers, units)
     finally:
         for teacher in teachers:
             teacher.close()
+
+
+def snapshot_rollout(teachers: list, units: list[TrialSpec]) -> Iterator[Episode]:
+    """The snapshot arm on loaded teachers, one per unit: each acts greedily in its unit's env."""
+    with _envs(units) as envs:
+        yield from _lockstep(units, envs, lambda obs, first: [t.act(o, f) for t, o, f in zip(teachers, obs, first)])
 
 
 @runs(RANDOM)
