@@ -81,6 +81,34 @@ def test_save_restore_continue_and_act(tmp_path):
     assert tail.policy_version[0] >= head.policy_version[-1]
 
 
+def schedules(teacher) -> dict:
+    """What a continued DQN teacher must carry over: env steps (epsilon, lr and learning_starts
+    are scheduled on them), the epsilon its module acts with, the learner's lr, the updates made."""
+    learner = teacher.algo.learner_group._learner
+    return {"steps": teacher.algo.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME)),
+            "epsilon": float(teacher.runner.module.epsilon_schedule.get_current_value()),
+            "lr": float(learner.get_optimizer().param_groups[0]["lr"])}
+
+
+@pytest.mark.parametrize("keep_buffer", [True, False])
+def test_restored_dqn_continues_its_epsilon_lr_and_learning_starts(tmp_path, keep_buffer):
+    config = {"learning_starts": 320, "rollout_fragment_length": 64, "epsilon_decay": 0.5, "epsilon_end": 0.05,
+              "lr": 1e-3, "lr_end": 1e-4, "hidden": [32], "checkpoint_replay_buffer": keep_buffer}
+    first = make_teacher("dqn", "CartPole-v1", {}, seed=0, budget=1024, config=config)
+    first.train_steps(384)  # past learning_starts, epsilon still falling (to 0.05 at step 512)
+    first.save(str(tmp_path))
+    second = make_teacher("dqn", "CartPole-v1", {}, seed=7, budget=1024, config=config)
+    second.restore(str(tmp_path))
+    ahead, tail = first.train_steps(64), second.train_steps(64)
+    assert schedules(second) == pytest.approx(schedules(first))
+    assert 0.05 < schedules(second)["epsilon"] < 0.5 and 1e-4 < schedules(second)["lr"] < 1e-3
+    assert tail.policy_version[0] == ahead.policy_version[0] > 0  # the same weights version
+    assert second.train_steps(64).policy_version[0] > tail.policy_version[0]  # learning goes on: no second learning_starts
+    fresh = make_teacher("dqn", "CartPole-v1", {}, seed=7, budget=1024, config=config)
+    fresh.train_steps(64)
+    assert schedules(fresh)["epsilon"] > 0.8 and fresh.train_steps(64).policy_version.max() == 0  # what a reset would look like
+
+
 def test_atari_smoke_records_breakout_frames(tmp_path):
     preset = load_preset("atari", smoke=True)
     spec = next(s for s in teacher_specs(preset) if s.env_id == "ALE/Breakout-v5")
