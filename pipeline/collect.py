@@ -5,7 +5,8 @@
 
 Expect one progress line every few seconds (teachers done, steps, steps/s) and, at the end, the
 folder of the Parquet histories. Each teacher's history is committed shard by shard together with a
-checkpoint (see history.py). Rerunning with the same experiment skips complete teachers and
+checkpoint (see history.py); a learner of several envs (lean_ppo's num_envs) writes one history
+per env, committed at the same steps with one shared checkpoint. Rerunning with the same experiment skips complete teachers and
 resumes the others from their newest checkpoint; an actor that dies is restarted by Ray and
 resumes the same way. Checkpoints at every cutoff fraction (and the end) stay for later stages.
 """
@@ -25,11 +26,11 @@ from pipeline import layout
 from pipeline.config import CollectConfig, Preset
 from pipeline.errors import PipelineError
 from pipeline.history import HistoryError, TeacherHistory
-from pipeline.plan import TeacherSpec, teacher_specs
+from pipeline.plan import TeacherSpec, learners, teacher_specs
 from pipeline.runtime import ensure_ray
 from pipeline.schema import Manifest, SchemaError, Transitions
 from pipeline.store import Store
-from pipeline.teachers import Teacher, make_teacher
+from pipeline.teachers import Teacher, make_teacher, train_streams
 
 PROGRESS_SECONDS = 5.0
 PROGRESS_STEPS = 2048  # a teacher reports the steps it has done at least this often (rounded to whole iterations)
@@ -53,46 +54,74 @@ class TeacherResult:
 def run_teacher(spec: TeacherSpec, store: Store, experiment: str, *, shard_steps: int,
                 checkpoint_steps: int | None = None, progress: Any = None) -> TeacherResult:
     """Run one teacher to its budget, resuming from its newest committed checkpoint."""
-    history = TeacherHistory(store, experiment, spec.env_id, spec.teacher_id)
-    manifest = history.recover()
-    if manifest.complete:
-        return TeacherResult(spec.teacher_id, manifest.rows, 0)
+    return run_learner([spec], store, experiment, shard_steps=shard_steps, checkpoint_steps=checkpoint_steps,
+                       progress=progress)[0]
+
+
+def run_learner(specs: list[TeacherSpec], store: Store, experiment: str, *, shard_steps: int,
+                checkpoint_steps: int | None = None, progress: Any = None) -> list[TeacherResult]:
+    """Run one learner to its budget (a teacher, or the streams of a learner of several envs,
+    plan.learners), resuming from its newest committed checkpoint; one result per stream."""
+    histories = [TeacherHistory.of(store, experiment, spec) for spec in specs]
+    manifests = recover_learner(histories)
+    if all(m.complete for m in manifests):
+        return [TeacherResult(s.teacher_id, m.rows, 0) for s, m in zip(specs, manifests)]
+    spec = specs[0]
     teacher = make_teacher(spec.algo, spec.env_id, spec.env_kwargs, seed=spec.seed, budget=spec.budget, config=spec.algo_config)
     try:
-        return _run(teacher, spec, history, manifest, shard_steps, checkpoint_steps, progress)
+        return _run(teacher, specs, histories, manifests, shard_steps, checkpoint_steps, progress)
     finally:
         teacher.close()
 
 
-def _run(teacher: Teacher, spec: TeacherSpec, history: TeacherHistory, manifest: Manifest, shard_steps: int,
-         checkpoint_steps: int | None, progress: Any) -> TeacherResult:
-    store, experiment = history.store, history.experiment
-    if manifest.checkpoints:
-        load_checkpoint(teacher, store, f"{experiment}/{manifest.checkpoints[-1].path}")
-    if teacher.step != manifest.next_step:
-        raise HistoryError(f"{spec.teacher_id}: checkpoint is at step {teacher.step}, the history ends at {manifest.next_step}")
+def recover_learner(histories: list[TeacherHistory]) -> list[Manifest]:
+    """Each stream's committed manifest, the later streams first brought up to the first one where a
+    crash left them behind it (history.py), then every stream recovered."""
+    first = histories[0].read_manifest()
+    for history in histories[1:]:
+        manifest = history.read_manifest()
+        if manifest.next_step > first.next_step:
+            raise HistoryError(f"{history.teacher_id} has {manifest.next_step} steps committed, more than its learner's "
+                               f"first stream {histories[0].teacher_id} ({first.next_step}). Nothing was changed.")
+        if manifest.next_step < first.next_step:
+            history.roll_forward(manifest, first)
+    return [history.recover() for history in histories]
+
+
+def _run(teacher: Teacher, specs: list[TeacherSpec], histories: list[TeacherHistory], manifests: list[Manifest],
+         shard_steps: int, checkpoint_steps: int | None, progress: Any) -> list[TeacherResult]:
+    spec, first = specs[0], histories[0]
+    store, experiment = first.store, first.experiment
+    if manifests[0].checkpoints:
+        load_checkpoint(teacher, store, f"{experiment}/{manifests[0].checkpoints[-1].path}")
+    if teacher.step != manifests[0].next_step:
+        raise HistoryError(f"{spec.teacher_id}: checkpoint is at step {teacher.step}, the history ends at {manifests[0].next_step}")
     start_step = teacher.step
     chunk = teacher.granularity * max(1, PROGRESS_STEPS // teacher.granularity)
-    rows, staged, saved = [], [], []
+    rows, staged, saved = [[] for _ in specs], [[] for _ in specs], []  # per stream, but one checkpoint
     for stop in spec.stops(shard_steps, checkpoint_steps):
         if stop.step <= start_step:
             continue  # committed before a restart
         while teacher.step < stop.step:
-            rows.append(teacher.train_steps(min(chunk, stop.step - teacher.step)))
-            if progress is not None:
-                progress.report.remote(spec.teacher_id, teacher.step)
+            for stream_rows, batch in zip(rows, train_streams(teacher, min(chunk, stop.step - teacher.step))):
+                stream_rows.append(batch)
+            for stream in specs if progress is not None else []:
+                progress.report.remote(stream.teacher_id, teacher.step)
         if stop.cutoff is not None or stop.commits:
-            saved.append(history.checkpoint_entry(teacher.step, stop.cutoff))
-            _save_checkpoint(teacher, store, history.checkpoint_path(teacher.step))
+            saved.append(first.checkpoint_entry(teacher.step, stop.cutoff))
+            _save_checkpoint(teacher, store, first.checkpoint_path(teacher.step))
         if stop.ends_shard:
-            table = Transitions.concat(rows).to_table(
-                teacher.encoding, teacher_id=spec.teacher_id, env_id=spec.env_id, task_id=spec.task_id, seed=spec.seed)
-            staged.append(history.stage(table))
-            rows = []
+            for stream, history, stream_rows, stream_staged in zip(specs, histories, rows, staged):
+                table = Transitions.concat(stream_rows).to_table(
+                    teacher.encoding, teacher_id=stream.teacher_id, env_id=stream.env_id, task_id=stream.task_id, seed=stream.seed)
+                stream_staged.append(history.stage(table))
+            rows = [[] for _ in specs]
         if stop.commits:
-            manifest = history.commit(manifest, staged, saved, complete=teacher.step >= spec.budget)
-            staged, saved = [], []
-    return TeacherResult(spec.teacher_id, manifest.rows, teacher.step - start_step)
+            last = len(specs) - 1
+            manifests = [history.commit(manifest, stream_staged, saved, complete=teacher.step >= spec.budget, tidy=i == last)
+                         for i, (history, manifest, stream_staged) in enumerate(zip(histories, manifests, staged))]
+            staged, saved = [[] for _ in specs], []
+    return [TeacherResult(s.teacher_id, m.rows, teacher.step - start_step) for s, m in zip(specs, manifests)]
 
 
 def _save_checkpoint(teacher: Teacher, store: Store, path: str) -> None:
@@ -118,9 +147,9 @@ def load_checkpoint(teacher: Teacher, store: Store, path: str) -> None:
 class TeacherActor:
     """Runs teachers one after another; Ray restarts it (and retries the teacher) if it dies."""
 
-    def run(self, spec: TeacherSpec, store: Store, experiment: str, shard_steps: int,
-            checkpoint_steps: int | None, progress: Any) -> TeacherResult:
-        return run_teacher(spec, store, experiment, shard_steps=shard_steps, checkpoint_steps=checkpoint_steps, progress=progress)
+    def run(self, specs: list[TeacherSpec], store: Store, experiment: str, shard_steps: int,
+            checkpoint_steps: int | None, progress: Any) -> list[TeacherResult]:
+        return run_learner(specs, store, experiment, shard_steps=shard_steps, checkpoint_steps=checkpoint_steps, progress=progress)
 
 
 @ray.remote(num_cpus=0)
@@ -139,7 +168,7 @@ class Progress:
 
 def plan(specs: list[TeacherSpec], store: Store, experiment: str) -> dict[str, Manifest]:
     """Check each teacher's stored spec against the preset (recording new ones); return committed manifests."""
-    histories = {s.teacher_id: TeacherHistory(store, experiment, s.env_id, s.teacher_id) for s in specs}
+    histories = {s.teacher_id: TeacherHistory.of(store, experiment, s) for s in specs}
     paths = [h.path(name) for h in histories.values() for name in (layout.TEACHER_SPEC_FILE, layout.MANIFEST_FILE)]
     stored = store.read_many(paths)  # concurrently: hundreds of teachers on an object store
     manifests = {}
@@ -163,8 +192,9 @@ def collect(preset: Preset, store: Store, experiment: str, log: Callable[[str], 
     specs = teacher_specs(preset)
     store.check_writable(experiment)
     manifests = plan(specs, store, experiment)
-    todo = [s for s in specs if not manifests[s.teacher_id].complete]
-    log(f"collect: {len(specs)} teachers in {store.url(experiment)}: {len(specs) - len(todo)} complete, {len(todo)} to run")
+    todo = [streams for streams in learners(specs) if not all(manifests[s.teacher_id].complete for s in streams)]
+    running = sum(len(streams) for streams in todo)
+    log(f"collect: {len(specs)} teachers in {store.url(experiment)}: {len(specs) - running} complete, {running} to run")
     results = []
     if todo:
         ensure_ray()
@@ -176,33 +206,36 @@ def collect(preset: Preset, store: Store, experiment: str, log: Callable[[str], 
     return results
 
 
-def _run_fleet(todo: list[TeacherSpec], store: Store, experiment: str, config: CollectConfig,
+def _run_fleet(todo: list[list[TeacherSpec]], store: Store, experiment: str, config: CollectConfig,
                meter: _ProgressMeter, log: Callable[[str], None]) -> list[TeacherResult]:
+    """Run these learners (plan.learners: each one teacher, or the streams of one learner) on actors."""
     fits = int(ray.cluster_resources().get("CPU", 1) // config.actor.cpus)
     n_actors = min(config.num_actors or max(1, fits), len(todo))
     log(f"collect: {n_actors} teacher actors")
     progress = Progress.remote()
     new_actor = lambda: TeacherActor.options(**config.actor.ray_options()).remote()  # noqa: E731
-    # Two teachers in flight per actor, so an actor never waits for the driver between teachers.
+    # Two learners in flight per actor, so an actor never waits for the driver between them.
     free = [new_actor() for _ in range(n_actors)] * 2
     replacements = {}  # a dead actor -> the one that takes its place
     queue, running = deque(todo), {}
     results, failures = [], {}
     while queue or running:
         while queue and free:
-            actor, spec = free.pop(), queue.popleft()
-            ref = actor.run.remote(spec, store, experiment, config.shard_steps, config.checkpoint_steps, progress)
-            running[ref] = (actor, spec)
+            actor, streams = free.pop(), queue.popleft()
+            ref = actor.run.remote(streams, store, experiment, config.shard_steps, config.checkpoint_steps, progress)
+            running[ref] = (actor, streams)
         ready, _ = ray.wait(list(running), num_returns=1, timeout=PROGRESS_SECONDS)
         for ref in ready:
-            actor, spec = running.pop(ref)
+            actor, streams = running.pop(ref)
+            name = streams[0].learner_id
             try:
-                results.append(ray.get(ref))
-                meter.finished(spec.teacher_id)
+                results += ray.get(ref)
+                for spec in streams:
+                    meter.finished(spec.teacher_id)
             except ray.exceptions.RayTaskError as error:
-                failures[spec.teacher_id] = str(getattr(error, "cause", None) or error)
+                failures[name] = str(getattr(error, "cause", None) or error)
             except ray.exceptions.RayActorError as error:
-                failures[spec.teacher_id] = f"its actor died {ACTOR_RESTARTS + 1} times ({error})"
+                failures[name] = f"its actor died {ACTOR_RESTARTS + 1} times ({error})"
                 actor = replacements.setdefault(actor, new_actor())
             free.append(actor)
         meter.maybe_log(lambda: ray.get(progress.snapshot.remote()))

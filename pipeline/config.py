@@ -408,6 +408,8 @@ def _check_group(key: str, name: str, group: TeacherGroup, cutoffs: list[float])
         config = algo_config(group.algo, group.algo_config)
     except ValidationError as error:
         raise ConfigError("; ".join(f"{key}.algo_config.{_describe(e)}" for e in error.errors())) from None
+    if getattr(config, "num_envs", 1) > 1 and group.algo != "lean_ppo":
+        raise ConfigError(f"{key}.algo_config.num_envs: several envs per learner are recorded by lean_ppo only, not {group.algo}")
     if not group.seeds or not group.tasks:
         raise ConfigError(f"{key}: needs at least one seed and one task")
     actions = None

@@ -44,7 +44,7 @@ from pipeline.runtime import ensure_ray
 from pipeline.rollout import ImitatorPolicy, left_padded
 from pipeline.schema import Transitions, check_schema
 from pipeline.store import Store
-from pipeline.teachers import make_teacher
+from pipeline.teachers import make_teacher, train_streams
 from pipeline.train import load_imitator
 
 
@@ -83,7 +83,7 @@ def _teacher_of(trial: TrialSpec):
 
 def _restored_teacher(trial: TrialSpec, store: Store, experiment: str):
     teacher, spec = _teacher_of(trial)
-    history = TeacherHistory(store, experiment, spec.env_id, spec.teacher_id)
+    history = TeacherHistory.of(store, experiment, spec)
     load_checkpoint(teacher, store, history.checkpoint_path(trial.cutoff_step))
     return teacher
 
@@ -97,7 +97,7 @@ def teacher_arm(units: list[TrialSpec], store: Store, experiment: str) -> Iterat
         chunk = teacher.granularity * max(1, 1000 // teacher.granularity)
         done, first = 0, True
         while done < trial.horizon:
-            batch = teacher.train_steps(min(chunk, trial.horizon - done))
+            batch = train_streams(teacher, min(chunk, trial.horizon - done))[trial.teacher_spec.stream]  # all streams learn
             for episode in episodes_of(batch, done, skip_partial_first=first):  # an episode begun before the cutoff is left out
                 yield 0, *episode
             done, first = done + len(batch), False
@@ -235,7 +235,7 @@ def check_inputs(trials: list[TrialSpec], store: Store, experiment: str) -> None
                                     f"({store.url(folder)}): run train first")
         if trial.test == EXTRAPOLATION and trial.arm in (TEACHER, SNAPSHOT):
             spec = trial.teacher_spec
-            path = TeacherHistory(store, experiment, spec.env_id, spec.teacher_id).checkpoint_path(trial.cutoff_step)
+            path = TeacherHistory.of(store, experiment, spec).checkpoint_path(trial.cutoff_step)
             if not store.exists(path):
                 raise EvaluateError(f"teacher {spec.teacher_id} has no checkpoint at cutoff {trial.cutoff:g} "
                                     f"({store.url(path)}): run collect first")

@@ -18,6 +18,14 @@ Commit protocol; the manifest is the only commit point:
 A crash before 4 leaves files that no manifest lists. `recover` deletes exactly those, and the
 teacher restarts from the newest listed checkpoint, which always sits where the listed shards end:
 the timeline continues with no gap and no duplicate.
+
+A learner of several envs (plan.TeacherSpec.learner) records each env as its own history and
+saves one checkpoint, under teachers/{learner}/, that every stream's manifest lists. Each stop
+stages every stream's shard and saves the checkpoint before any stream commits; the streams then
+commit in order, and only the last one tidies the resume point they shared. A crash between two
+streams' commits leaves the later streams one commit behind the first, with their shards
+staged: `roll_forward` commits those (collect.recover_learner), so every stream ends where the
+checkpoint is.
 """
 
 from __future__ import annotations
@@ -60,22 +68,29 @@ def shard_name(first_step: int) -> str:
 
 
 class TeacherHistory:
-    def __init__(self, store: Store, experiment: str, env_id: str, teacher_id: str):
+    def __init__(self, store: Store, experiment: str, env_id: str, teacher_id: str, learner: str = ""):
+        """`learner`: whose checkpoints these are when the teacher is a stream of a learner of several envs."""
         self.store, self.experiment, self.teacher_id = store, experiment, teacher_id
         self.dir = layout.history_dir(experiment, env_id, teacher_id)
-        self.checkpoints = layout.teacher_checkpoints(teacher_id)  # relative to the experiment, as the manifest lists them
+        self.owner = learner or teacher_id
+        self.checkpoints = layout.teacher_checkpoints(self.owner)  # relative to the experiment, as the manifest lists them
         self.checkpoints_dir = f"{experiment}/{self.checkpoints}"
+
+    @classmethod
+    def of(cls, store: Store, experiment: str, spec) -> TeacherHistory:
+        """The history of a plan.TeacherSpec."""
+        return cls(store, experiment, spec.env_id, spec.teacher_id, spec.learner)
 
     def path(self, name: str) -> str:
         return f"{self.dir}/{name}"
 
     def checkpoint_entry(self, step: int, cutoff: float | None) -> CheckpointEntry:
         """The checkpoint taken after `step` env steps; its path is relative to the experiment."""
-        return CheckpointEntry(step=step, path=layout.teacher_checkpoint(self.teacher_id, step), cutoff=cutoff)
+        return CheckpointEntry(step=step, path=layout.teacher_checkpoint(self.owner, step), cutoff=cutoff)
 
     def checkpoint_path(self, step: int) -> str:
         """Store path of the checkpoint taken after `step` env steps."""
-        return f"{self.experiment}/{layout.teacher_checkpoint(self.teacher_id, step)}"
+        return f"{self.experiment}/{layout.teacher_checkpoint(self.owner, step)}"
 
     # --- reading ---
 
@@ -141,9 +156,11 @@ class TeacherHistory:
         self.store.write_bytes(self.path("_" + entry.path), sink.getvalue().to_pybytes())
         return entry
 
-    def commit(self, manifest: Manifest, staged: list[ShardEntry], checkpoints: list[CheckpointEntry], complete: bool) -> Manifest:
+    def commit(self, manifest: Manifest, staged: list[ShardEntry], checkpoints: list[CheckpointEntry], complete: bool,
+               tidy: bool = True) -> Manifest:
         """Publish staged shards with the checkpoints saved since the last commit; the newest of them
-        must sit where the shards end. Returns the new manifest."""
+        must sit where the shards end. Returns the new manifest. `tidy`: delete the resume point it
+        replaces (False for all but a learner's last stream: the others still list it)."""
         for entry in staged:
             self.store.rename(self.path("_" + entry.path), self.path(entry.path))
         # Cutoff checkpoints are kept for later stages; a resume point only until the next commit.
@@ -151,7 +168,21 @@ class TeacherHistory:
         new = Manifest(complete=complete, shards=manifest.shards + staged, checkpoints=kept + checkpoints)
         new.validate(self.store.url(self.path(MANIFEST)))
         self.store.write_bytes(self.path(MANIFEST), new.to_json())
-        for old in manifest.checkpoints:
+        for old in manifest.checkpoints if tidy else []:
             if old not in new.checkpoints:
                 self.store.delete(f"{self.experiment}/{old.path}")
         return new
+
+    def roll_forward(self, manifest: Manifest, first: Manifest) -> Manifest:
+        """Commit what `first`, the first stream of this history's learner, committed after
+        `manifest` ended: the same shards (staged here before `first` committed) and checkpoints."""
+        shards = [s for s in first.shards if s.first_step >= manifest.next_step]
+        for shard in shards:
+            hidden, visible = self.path("_" + shard.path), self.path(shard.path)
+            if not self.store.exists(hidden):
+                if not self.store.exists(visible):
+                    raise HistoryError(f"{self.store.url(hidden)} is missing: stream {self.teacher_id} cannot catch up with "
+                                       f"its learner's first stream at step {first.next_step}. Nothing was deleted.")
+                self.store.rename(visible, hidden)  # published before the crash, not listed: commit publishes it again
+        checkpoints = [c for c in first.checkpoints if c not in manifest.checkpoints]
+        return self.commit(manifest, shards, checkpoints, first.complete)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pipeline import layout
@@ -85,10 +85,19 @@ class TeacherSpec:
     algo_config: dict[str, Any]
     budget: int
     cutoffs: tuple[float, ...]
+    # A stream of a learner of several envs (algo_config.num_envs > 1): the learner's id (its
+    # checkpoints' owner) and this env's index; "" and 0 for a teacher of its own.
+    learner: str = ""
+    stream: int = 0
 
     @property
     def granularity(self) -> int:
         return algo_config(self.algo, self.algo_config).granularity
+
+    @property
+    def learner_id(self) -> str:
+        """Who learns this history and owns the checkpoints: the teacher itself, or its learner."""
+        return self.learner or self.teacher_id
 
     def stops(self, shard_steps: int, checkpoint_steps: int | None) -> list[Stop]:
         """The steps where collect pauses, and what it does at each; all whole training iterations."""
@@ -101,8 +110,10 @@ class TeacherSpec:
         return [Stop(step, cutoffs.get(step), step in shards, step in commits) for step in sorted(cutoffs.keys() | shards)]
 
     def settings(self) -> dict[str, Any]:
-        """As stored in _teacher.json (JSON types)."""
-        return json.loads(json.dumps(asdict(self)))
+        """As stored in _teacher.json (JSON types); a teacher of its own stores no learner fields, as
+        before they existed."""
+        settings = json.loads(json.dumps(asdict(self)))
+        return settings if self.learner else {k: v for k, v in settings.items() if k not in ("learner", "stream")}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TeacherSpec:
@@ -110,16 +121,27 @@ class TeacherSpec:
 
 
 def teacher_specs(preset) -> list[TeacherSpec]:
-    collect = preset.collect
-    return [
-        TeacherSpec(
-            teacher_id=teacher_id(name, task, seed), group=name, env_id=group.env, env_kwargs={**group.env_kwargs, **task},
-            task_id=task_id(task), seed=seed, algo=group.algo, algo_config=group.algo_config, budget=group.budget,
-            cutoffs=tuple(collect.cutoffs))
-        for name, group in collect.teachers.items()
-        for task in group.tasks
-        for seed in group.seeds
-    ]
+    """One spec per (group, task, seed); a learner of K envs gives K specs, {id}-e{k}, one per stream."""
+    specs = []
+    for name, group in preset.collect.teachers.items():
+        streams = getattr(algo_config(group.algo, group.algo_config), "num_envs", 1)
+        for task in group.tasks:
+            for seed in group.seeds:
+                spec = TeacherSpec(
+                    teacher_id=teacher_id(name, task, seed), group=name, env_id=group.env, env_kwargs={**group.env_kwargs, **task},
+                    task_id=task_id(task), seed=seed, algo=group.algo, algo_config=group.algo_config, budget=group.budget,
+                    cutoffs=tuple(preset.collect.cutoffs))
+                specs += [spec] if streams == 1 else [replace(spec, teacher_id=f"{spec.teacher_id}-e{k}", learner=spec.teacher_id, stream=k)
+                                                      for k in range(streams)]
+    return specs
+
+
+def learners(specs: list[TeacherSpec]) -> list[list[TeacherSpec]]:
+    """The specs grouped by learner, streams in order, learners in the order they first appear."""
+    grouped: dict[str, list[TeacherSpec]] = {}
+    for spec in specs:
+        grouped.setdefault(spec.learner_id, []).append(spec)
+    return [sorted(streams, key=lambda s: s.stream) for streams in grouped.values()]
 
 
 # --- train ---
@@ -182,7 +204,7 @@ def imitator_specs(preset) -> list[ImitatorSpec]:
     specs = []
     for name, group in preset.train.imitators.items():
         members = [t for t in teachers if t.group in group.teachers]
-        validation = held_out([t.teacher_id for t in members], group.val_fraction)
+        validation = held_out(sorted({t.learner_id for t in members}), group.val_fraction)  # whole learners
         first = preset.collect.teachers[group.teachers[0]]
         steps = group_cutoff_steps(first, preset.collect.cutoffs)
         hparams = {k: v for k, v in asdict(group).items() if k not in ("teachers", "cutoffs", "sizes", "context_steps")}
@@ -193,8 +215,8 @@ def imitator_specs(preset) -> list[ImitatorSpec]:
                         group=name, name=f"{name}-{size_name}-ctx{context}", cutoff=cutoff, cutoff_step=steps[cutoff],
                         env_id=first.env, model_args=model_args(first.env, members[0].env_kwargs, group, size, context),
                         hparams=hparams, size=size_name,
-                        train_teachers=tuple(t.teacher_id for t in members if t.teacher_id not in validation),
-                        val_teachers=tuple(t.teacher_id for t in members if t.teacher_id in validation)))
+                        train_teachers=tuple(t.teacher_id for t in members if t.learner_id not in validation),
+                        val_teachers=tuple(t.teacher_id for t in members if t.learner_id in validation)))
     return specs
 
 
@@ -239,8 +261,8 @@ def trial_specs(preset) -> list[TrialSpec]:
         for cutoff in imitator_cutoffs(group, preset.collect):
             variants = [s for s in imitators if s.group == name and s.cutoff == cutoff]
             common = dict(group=name, cutoff=cutoff, cutoff_step=steps[cutoff], horizon=test.horizon, temperature=group.temperature)
-            if cutoff < 1.0:
-                for number, teacher in enumerate(members[:test.teachers]):
+            if cutoff < 1.0:  # the units: teachers, and of a learner of several envs its first stream only
+                for number, teacher in enumerate([t for t in members if t.stream == 0][:test.teachers]):
                     trials += _extrapolation(teacher, number, variants, test.contexts, common)
             for index, (env_id, kwargs, task) in enumerate(heldout_targets(collected)[:test.heldout]):
                 for seed in test.heldout_seeds:
@@ -252,7 +274,7 @@ def trial_specs(preset) -> list[TrialSpec]:
 def scratch_teacher(spec: TeacherSpec, env_id: str, kwargs: dict, task: str, seed: int) -> TeacherSpec:
     """A fresh teacher like `spec` on a held-out task or env: the transfer tests' from-scratch arm."""
     return TeacherSpec(**{**asdict(spec), "teacher_id": f"{spec.group}-scratch-{task}-s{seed}",
-                          "env_id": env_id, "env_kwargs": kwargs, "task_id": task, "seed": seed})
+                          "env_id": env_id, "env_kwargs": kwargs, "task_id": task, "seed": seed, "learner": "", "stream": 0})
 
 
 def heldout_targets(group) -> list[tuple[str, dict, str]]:
@@ -271,13 +293,13 @@ def _arm_trials(test: str, prefix: str, base: dict, variants: list[ImitatorSpec]
 def _extrapolation(teacher: TeacherSpec, number: int, variants: list[ImitatorSpec], contexts: list[str],
                    common: dict) -> list[TrialSpec]:
     base = dict(test=EXTRAPOLATION, env_id=teacher.env_id, env_kwargs=teacher.env_kwargs, task_id=teacher.task_id,
-                seed=number, teacher=asdict(teacher), **common)
+                seed=number, teacher=teacher.settings(), **common)
     return _arm_trials(EXTRAPOLATION, f"x-{teacher.teacher_id}-c{common['cutoff']:g}", base, variants, contexts)
 
 
 def _transfer(scratch: TeacherSpec, index: int, variants: list[ImitatorSpec], test: str, common: dict) -> list[TrialSpec]:
     base = dict(test=test, env_id=scratch.env_id, env_kwargs=scratch.env_kwargs, task_id=scratch.task_id,
-                seed=index * 1000 + scratch.seed, teacher=asdict(scratch), **common)
+                seed=index * 1000 + scratch.seed, teacher=scratch.settings(), **common)
     return _arm_trials(test, f"{test[0]}-{scratch.teacher_id}-c{common['cutoff']:g}", base, variants, [EMPTY])
 
 

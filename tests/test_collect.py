@@ -1,20 +1,26 @@
 """The collect stage for real: Ray actors, local and S3 stores, reruns and faults."""
 
+import json
 import os
 import signal
 import threading
 
+import numpy as np
 import pytest
 import ray
 from ray.data.datasource import Partitioning
 
-from pipeline.collect import CollectError, collect, run_teacher
-from pipeline.plan import teacher_specs
+from pipeline.arms import EXTRAPOLATION, SNAPSHOT, TEACHER
+from pipeline.collect import CollectError, collect, run_learner, run_teacher
+from pipeline.history import TeacherHistory
+from pipeline.plan import imitator_specs, learners, teacher_specs, trial_specs
 from pipeline.config import ConfigError, load_preset
 from pipeline.errors import PipelineError
+from pipeline.evaluate import RUNNERS
 from pipeline.store import Store
+from pipeline.teachers import make_teacher
 
-from helpers import assert_histories_match, manifest, teacher_actor_pids, wait_until_mid_run
+from helpers import assert_histories_match, manifest, read_histories, teacher_actor_pids, wait_until_mid_run
 
 pytestmark = pytest.mark.usefixtures("ray_address")
 
@@ -121,3 +127,78 @@ def test_a_corrupt_teacher_spec_is_named(tmp_path):
     with pytest.raises(PipelineError, match=rf"{spec_file}: not valid JSON"):
         collect(preset, store, "exp", log=lambda line: None)
     assert store.read_bytes(spec_file) == b"{truncated"
+
+
+STREAMS = ["collect.teachers.darkroom.algo=lean_ppo", "collect.teachers.darkroom.seeds=[0]",
+           "collect.teachers.darkroom.algo_config={train_batch_size: 200, minibatch_size: 50, num_epochs: 1, num_envs: 2}"]
+
+
+def stream_frames(store: Store, experiment: str, specs):
+    frame = read_histories(store, experiment)
+    return {s.teacher_id: frame[frame["teacher_id"] == s.teacher_id].sort_values("step") for s in specs}
+
+
+def test_a_learner_of_two_envs_records_two_histories_with_one_checkpoint(tmp_path):
+    store, preset = Store(str(tmp_path / "runs")), load_preset("smoke", STREAMS)
+    specs = teacher_specs(preset)
+    assert [s.teacher_id for s in specs][:2] == ["darkroom-goal0x0-s0-e0", "darkroom-goal0x0-s0-e1"]
+    assert {s.learner for s in specs[:2]} == {"darkroom-goal0x0-s0"} and [s.stream for s in specs[:2]] == [0, 1]
+    collect(preset, store, "exp", log=lambda line: None)
+    frames = stream_frames(store, "exp", specs)
+    for learner in learners(specs):
+        reference = make_teacher(learner[0].algo, learner[0].env_id, learner[0].env_kwargs, seed=0,
+                                 budget=learner[0].budget, config=learner[0].algo_config).train_streams(learner[0].budget)
+        for spec, expected in zip(learner, reference):
+            rows = frames[spec.teacher_id]
+            for column in ("step", "obs", "action", "reward", "episode", "policy_version"):
+                np.testing.assert_array_equal(rows[column].to_numpy(), getattr(expected, column), err_msg=column)
+            stored = json.loads(store.read_bytes(f"exp/histories/env=DarkRoom-v0/teacher={spec.teacher_id}/_teacher.json"))
+            assert (stored["learner"], stored["stream"]) == (learner[0].learner, spec.stream)
+        listed = [manifest(store, "exp", spec)["checkpoints"] for spec in learner]
+        assert listed[0] == listed[1] and all(c["path"].startswith(f"teachers/{learner[0].learner}/") for c in listed[0])
+    assert not np.array_equal(frames[specs[0].teacher_id]["obs"], frames[specs[1].teacher_id]["obs"])
+
+
+def test_a_crash_between_two_streams_commits_is_rolled_forward(tmp_path, monkeypatch):
+    store, preset = Store(str(tmp_path / "runs")), load_preset("smoke", STREAMS)
+    streams = learners(teacher_specs(preset))[0]
+    run = lambda: run_learner(streams, store, "exp", shard_steps=300, checkpoint_steps=300)  # noqa: E731
+    commit = TeacherHistory.commit
+
+    def crash_before_the_second_stream_commits_600(self, manifest_, staged, *args, **kwargs):
+        if self.teacher_id.endswith("-e1") and staged and staged[0].first_step == 300:
+            raise KeyboardInterrupt("simulated crash")
+        return commit(self, manifest_, staged, *args, **kwargs)
+
+    monkeypatch.setattr(TeacherHistory, "commit", crash_before_the_second_stream_commits_600)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    assert [manifest(store, "exp", s)["shards"][-1]["last_step"] for s in streams] == [599, 299]
+    before = stream_frames(store, "exp", streams)[streams[0].teacher_id]
+    monkeypatch.setattr(TeacherHistory, "commit", commit)
+    run()
+    after = stream_frames(store, "exp", streams)
+    np.testing.assert_array_equal(after[streams[0].teacher_id]["obs"].to_numpy()[:600], before["obs"].to_numpy())  # kept
+    for spec in streams:
+        rows = after[spec.teacher_id]
+        assert manifest(store, "exp", spec)["complete"]
+        np.testing.assert_array_equal(rows["step"].to_numpy(), np.arange(spec.budget))  # no gap, no duplicate
+        assert (np.diff(rows["episode"].to_numpy()) >= 0).all()
+    np.testing.assert_array_equal(*(after[s.teacher_id]["policy_version"].to_numpy() for s in streams))  # one learner
+    leftovers = [name for s in streams for name in store.list_names(f"exp/histories/env=DarkRoom-v0/teacher={s.teacher_id}")
+                 if name.startswith("_part")]
+    assert leftovers == []
+
+
+def test_the_units_of_a_learner_of_two_envs_are_its_first_streams_and_its_teacher_arm_continues(tmp_path):
+    store, preset = Store(str(tmp_path / "runs")), load_preset("smoke", STREAMS)
+    trials = [t for t in trial_specs(preset) if t.test == EXTRAPOLATION]
+    assert trials and {t.teacher_spec.stream for t in trials} == {0}
+    for spec in imitator_specs(preset):  # validation holds out whole learners
+        assert not {t.rsplit("-e", 1)[0] for t in spec.val_teachers} & {t.rsplit("-e", 1)[0] for t in spec.train_teachers}
+    collect(preset, store, "exp", log=lambda line: None)
+    trial = next(t for t in trials if t.arm == TEACHER)
+    episodes = list(RUNNERS[TEACHER]([trial], store, "exp"))
+    assert episodes and max(step for _, step, _, _ in episodes) <= trial.horizon
+    snapshot = next(t for t in trials if t.arm == SNAPSHOT)
+    assert list(RUNNERS[SNAPSHOT]([snapshot], store, "exp"))

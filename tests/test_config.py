@@ -143,3 +143,12 @@ def test_resources_per_stage_come_from_the_preset_and_smoke_drops_them():
     assert load_preset("quick", ["train.use_gpu=auto"]).train.use_gpu == "auto"
     with pytest.raises(ConfigError, match="trial_resources"):
         load_preset("quick", ["evaluate.trial_resources={learner: {cpus: 1}}"])
+
+
+@pytest.mark.parametrize("algo, streams, message", [
+    ("ppo", "num_envs: 2", r"darkroom.algo_config.num_envs: several envs per learner are recorded by lean_ppo only, not ppo"),
+    ("lean_ppo", "num_envs: 3, train_batch_size: 200", r"darkroom.algo_config.*train_batch_size 200 is not a multiple of num_envs 3"),
+])
+def test_several_envs_per_learner_only_where_recorded(algo, streams, message):
+    with pytest.raises(ConfigError, match=message):
+        load_preset("smoke", [f"collect.teachers.darkroom.algo={algo}", f"collect.teachers.darkroom.algo_config={{{streams}}}"])

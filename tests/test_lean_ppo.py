@@ -83,7 +83,7 @@ def test_rows_are_one_timeline_with_policy_version_the_iteration():
     assert (np.diff(batch.episode) == done[:-1]).all()  # a new episode exactly after each done step
     np.testing.assert_array_equal(batch.episode_step[1:][done[:-1]], 0)
     assert (np.diff(batch.episode_step)[~done[:-1]] == 1).all()
-    assert batch.episode[0] == 0 and t.episode == batch.episode[-1] + done[-1]
+    assert batch.episode[0] == 0 and t.episode[0] == batch.episode[-1] + done[-1]
     with pytest.raises(ValueError, match="not a multiple"):
         t.train_steps(300)
 
@@ -96,13 +96,13 @@ def test_advantages_bootstrap_from_the_next_obs_the_final_obs_and_the_obs_after_
         seen.update(values=values, next_values=next_values)
         return gae(rewards, values, next_values, terminated, truncated, gamma, lam)
 
-    def step(action, env_step=t.env.step):
+    def step(action, env_step=t.envs[0].step):
         out = env_step(action)
         after.append(out[0])
         return out
 
     monkeypatch.setattr(lean_ppo, "gae", spy)
-    monkeypatch.setattr(t.env, "step", step)
+    monkeypatch.setattr(t.envs[0], "step", step)
     critic = [p.detach().clone() for p in t.net.critic.parameters()]  # the weights the rollout acted with
     batch = t.train_steps(200)
     with torch.no_grad():
@@ -139,7 +139,7 @@ def test_save_restore_continues_weights_optimizer_and_counters(tmp_path):
     np.testing.assert_array_equal(tail.step, np.arange(400, 600))
     assert (tail.policy_version == 2).all() and second.iteration == 3
     cut = not (head.terminated[-1] or head.truncated[-1])
-    assert tail.episode[0] == head.episode[-1] + 1 and tail.episode_step[0] == 0 and cut == (first.episode_step > 0)
+    assert tail.episode[0] == head.episode[-1] + 1 and tail.episode_step[0] == 0 and cut == (first.episode_step[0] > 0)
 
 
 def test_learns_cartpole():
@@ -166,3 +166,33 @@ def test_cuda_is_refused_where_there_is_none(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="no CUDA device"):
         LeanPPOTeacher("CartPole-v1", {}, seed=0, budget=400, config=PPOConfig(), device="cuda")
+
+
+def test_a_learner_of_several_envs_records_one_timeline_per_stream_with_its_versions(tmp_path):
+    t = teacher(env_kwargs={"max_episode_steps": 30}, train_batch_size=600, num_envs=3)  # 200 steps per stream
+    assert t.granularity == 200
+    with pytest.raises(ValueError, match="train_streams"):
+        t.train_steps(200)
+    streams = t.train_streams(400)
+    assert len(streams) == 3 and t.step == 400 and t.iteration == 2
+    for k, batch in enumerate(streams):
+        np.testing.assert_array_equal(batch.step, np.arange(400))
+        np.testing.assert_array_equal(batch.policy_version, np.arange(400) // 200)  # the one learner's versions
+        done = batch.terminated | batch.truncated
+        assert (np.diff(batch.episode) == done[:-1]).all() and batch.episode[0] == 0
+        assert t.episode[k] == batch.episode[-1] + done[-1]
+    assert not np.array_equal(streams[0].obs, streams[1].obs)  # each env its own episodes
+    t.save(str(tmp_path))
+    again = teacher(env_kwargs={"max_episode_steps": 30}, train_batch_size=600, num_envs=3, seed=9)
+    again.restore(str(tmp_path))
+    for before, after in zip(streams, again.train_streams(200)):
+        np.testing.assert_array_equal(after.step, np.arange(400, 600))
+        assert after.episode[0] == before.episode[-1] + 1 and after.episode_step[0] == 0  # a new episode per stream
+        assert (after.policy_version == 2).all()
+    with pytest.raises(ValueError, match="3 streams"):
+        teacher(train_batch_size=600, num_envs=2).restore(str(tmp_path))
+
+
+def test_num_envs_must_divide_the_rollout():
+    with pytest.raises(ValueError, match="multiple of num_envs"):
+        PPOConfig(train_batch_size=500, num_envs=3)

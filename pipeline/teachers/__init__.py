@@ -14,6 +14,10 @@ All teachers implement one API (the fleet, the evaluation arms and the tests use
     teacher.restore(directory)
     teacher.act(obs, first=False)    # greedy action of the current (frozen) policy
     teacher.close()                  # release the env (and an RLlib algorithm's runner and learner)
+
+A learner of several envs (lean_ppo with num_envs K > 1) has `streams` = K and
+`train_streams(n)`, n steps in every env, one Transitions per env; `train_streams` below takes
+either kind.
 """
 
 from __future__ import annotations
@@ -60,6 +64,11 @@ def algo_config(algo: str, raw: dict[str, Any]):
 @functools.cache
 def _adapter(algo: str) -> TypeAdapter:
     return TypeAdapter(ALGORITHMS[algo][0])
+
+
+def train_streams(teacher: Teacher, n: int) -> list[Transitions]:
+    """n more steps of each of the teacher's streams: [train_steps(n)] for a teacher of one env."""
+    return teacher.train_streams(n) if getattr(teacher, "streams", 1) > 1 else [teacher.train_steps(n)]
 
 
 def make_teacher(algo: str, env_id: str, env_kwargs: dict[str, Any], *, seed: int, budget: int, config: dict[str, Any]) -> Teacher:

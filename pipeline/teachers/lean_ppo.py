@@ -139,15 +139,17 @@ def numpy_logits(weights: list[tuple[np.ndarray, np.ndarray]], obs, cells: int) 
 
 
 class LeanPPOTeacher:
-    """The Teacher API (pipeline.teachers) over the PPO of this module's docstring."""
+    """The Teacher API (pipeline.teachers) over the PPO of this module's docstring; with
+    `num_envs` K > 1, one learner over K envs (streams), each recorded as its own timeline."""
 
     def __init__(self, env_id: str, env_kwargs: dict, *, seed: int, budget: int, config: PPOConfig,
                  device: str | None = None):
-        self.env = make_env(env_id, **env_kwargs)
-        config.check_spaces(env_id, self.env.observation_space, self.env.action_space)
-        self.encoding = ObsEncoding.for_space(self.env.observation_space)
+        self.envs = [make_env(env_id, **env_kwargs) for _ in range(config.num_envs)]
+        config.check_spaces(env_id, self.envs[0].observation_space, self.envs[0].action_space)
+        self.encoding = ObsEncoding.for_space(self.envs[0].observation_space)
         self.config, self.budget, self.granularity = config, budget, config.granularity
-        self.actions = int(self.env.action_space.n)
+        self.streams = config.num_envs
+        self.actions = int(self.envs[0].action_space.n)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
@@ -157,25 +159,45 @@ class LeanPPOTeacher:
             torch.manual_seed(int(self.rng.integers(2**31)))
             self.net = ActorCritic(self.encoding, self.actions, list(config.hidden)).to(self.device)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr, eps=1e-5)
-        self.step, self.episode, self.episode_step, self.iteration = 0, 0, 0, 0
-        self.obs = None  # the obs the next step acts at; None: the next step starts a new episode
+        self.step, self.iteration = 0, 0  # env steps per stream; iterations completed
+        self.episode, self.episode_step = [0] * self.streams, [0] * self.streams  # per stream
+        self.obs = [None] * self.streams  # the obs each stream's next step acts at; None: it starts a new episode
 
     def train_steps(self, n: int) -> Transitions:
+        """One stream's teacher API: learn for n env steps, return the transitions acted in."""
+        if self.streams > 1:
+            raise ValueError(f"this learner steps {self.streams} envs: call train_streams")
+        return self.train_streams(n)[0]
+
+    def train_streams(self, n: int) -> list[Transitions]:
+        """Learn for n env steps in each stream; return each stream's transitions, in stream order."""
         if n % self.granularity:
             raise ValueError(f"this teacher trains in iterations of {self.granularity} env steps; {n} is not a multiple")
-        batches = [self._iteration() for _ in range(n // self.granularity)]
-        return Transitions.concat(batches) if batches else Transitions.empty(0, self.encoding)
+        iterations = [self._iteration() for _ in range(n // self.granularity)]
+        if not iterations:
+            return [Transitions.empty(0, self.encoding) for _ in range(self.streams)]
+        return [Transitions.concat(list(stream)) for stream in zip(*iterations)]
 
-    def _iteration(self) -> Transitions:
-        """Act one rollout with the current weights, record it, then update on it."""
-        n, env, cells = self.granularity, self.env, self.net.cells
-        if self.obs is None:
-            self.obs = self.env.reset(seed=int(self.rng.integers(2**31)))[0]
-        batch = Transitions.empty(n, self.encoding)
+    def _iteration(self) -> list[Transitions]:
+        """Act one rollout in each stream with the current weights, record them, then update on them."""
+        for k, obs in enumerate(self.obs):
+            if obs is None:
+                self.obs[k] = self.envs[k].reset(seed=int(self.rng.integers(2**31)))[0]
         weights = self.net.numpy_actor()
-        u = self.rng.random(n)  # one uniform per step picks the action by inverse CDF
-        final: dict[int, np.ndarray] = {}  # row -> final obs of a truncated episode
-        obs = self.obs
+        u = self.rng.random((self.granularity, self.streams))  # one uniform per step picks the action by inverse CDF
+        # The weights do not change during a rollout, so the streams can be stepped one after another.
+        rollouts = [self._rollout(k, weights, u[:, k]) for k in range(self.streams)]
+        self.step += self.granularity
+        self._update(rollouts)
+        self.iteration += 1
+        return [batch for batch, _ in rollouts]
+
+    def _rollout(self, k: int, weights, u: np.ndarray) -> tuple[Transitions, dict[int, np.ndarray]]:
+        """Stream k's rollout: its transitions, and row -> final obs of each truncated episode."""
+        n, env, cells = self.granularity, self.envs[k], self.net.cells
+        batch = Transitions.empty(n, self.encoding)
+        final: dict[int, np.ndarray] = {}
+        obs = self.obs[k]
         for i in range(n):
             logits = numpy_logits(weights, obs, cells)
             cdf = np.cumsum(np.exp(logits - logits.max()))
@@ -188,38 +210,43 @@ class LeanPPOTeacher:
                 if truncated and not terminated:
                     final[i] = obs
                 obs = env.reset()[0]
-        batch.number_steps(self.step, self.episode, self.episode_step)
+        batch.number_steps(self.step, self.episode[k], self.episode_step[k])
         batch.policy_version[:] = self.iteration
         ended = bool(batch.terminated[-1] or batch.truncated[-1])
-        self.step += n
-        self.episode = int(batch.episode[-1]) + ended
-        self.episode_step = 0 if ended else int(batch.episode_step[-1]) + 1
-        self._update(batch, final, obs)
-        self.obs = obs
-        self.iteration += 1
-        return batch
+        self.episode[k] = int(batch.episode[-1]) + ended
+        self.episode_step[k] = 0 if ended else int(batch.episode_step[-1]) + 1
+        self.obs[k] = obs
+        return batch, final
 
     def _tensor(self, obs) -> torch.Tensor:
         return torch.as_tensor(np.asarray(obs, self.encoding.numpy_dtype), device=self.device)
 
-    def _update(self, batch: Transitions, final: dict[int, np.ndarray], next_obs) -> None:
-        c, net = self.config, self.net
-        obs = net.features(self._tensor(batch.obs))
-        actions = torch.as_tensor(batch.action, device=self.device)
+    def _advantages(self, batch: Transitions, values: np.ndarray, final: dict[int, np.ndarray], next_obs) -> np.ndarray:
+        """GAE of one stream's rollout, (T,), given V(s_t) (T,); V of each step's next obs computed here."""
+        net, n = self.net, len(batch)
+        after = [batch.obs[1:], np.asarray(next_obs, self.encoding.numpy_dtype)[None]]
+        if final:
+            after.append(np.stack(list(final.values())))
         with torch.no_grad():
-            old_logp = torch.distributions.Categorical(logits=net.actor(obs)).log_prob(actions)
-            after = [batch.obs[1:], np.asarray(next_obs, self.encoding.numpy_dtype)[None]]
-            if final:
-                after.append(np.stack(list(final.values())))
             after_values = net.critic(net.features(self._tensor(np.concatenate(after)))).squeeze(1).cpu().numpy()
-            values = net.critic(obs).squeeze(1)
-        n = len(batch)
         next_values = after_values[:n].copy()
         next_values[list(final)] = after_values[n:]
-        advantages = gae(batch.reward, values.cpu().numpy(), next_values, batch.terminated, batch.truncated,
-                         c.gamma, c.gae_lambda)
+        return gae(batch.reward, values, next_values, batch.terminated, batch.truncated, self.config.gamma,
+                   self.config.gae_lambda)
+
+    def _update(self, rollouts: list[tuple[Transitions, dict[int, np.ndarray]]]) -> None:
+        c, net = self.config, self.net
+        obs = net.features(self._tensor(np.concatenate([batch.obs for batch, _ in rollouts])))  # (K * T, ...)
+        actions = torch.as_tensor(np.concatenate([batch.action for batch, _ in rollouts]), device=self.device)
+        with torch.no_grad():
+            old_logp = torch.distributions.Categorical(logits=net.actor(obs)).log_prob(actions)
+            values = net.critic(obs).squeeze(1)  # (K * T,)
+        per_stream = values.cpu().numpy().reshape(self.streams, self.granularity)
+        advantages = np.concatenate([self._advantages(batch, v, final, next_obs)
+                                     for (batch, final), v, next_obs in zip(rollouts, per_stream, self.obs)])
         advantages = torch.as_tensor(advantages, device=self.device)
         returns = advantages + values
+        n = len(actions)
         for _ in range(c.num_epochs):
             order = torch.as_tensor(self.rng.permutation(n), device=self.device)
             for start in range(0, n, c.minibatch_size):
@@ -242,13 +269,16 @@ class LeanPPOTeacher:
             return int(self.net.actor(self.net.features(self._tensor(obs)[None])).argmax())
 
     def close(self) -> None:
-        self.env.close()
+        for env in self.envs:
+            env.close()
 
     # checkpoints, without pickle
 
     def save(self, directory: str) -> None:
-        state = {"step": self.step, "episode": self.episode, "episode_step": self.episode_step,
-                 "iteration": self.iteration, "rng": self.rng.bit_generator.state}
+        single = self.streams == 1  # one stream keeps the single-teacher state layout
+        state = {"step": self.step, "iteration": self.iteration, "rng": self.rng.bit_generator.state,
+                 "episode": self.episode[0] if single else self.episode,
+                 "episode_step": self.episode_step[0] if single else self.episode_step}
         save_checkpoint(directory, {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict()}, state)
 
     def restore(self, directory: str) -> None:
@@ -256,6 +286,10 @@ class LeanPPOTeacher:
         self.net.load_state_dict(state_dicts["net"])
         self.optimizer.load_state_dict(state_dicts["optimizer"])
         self.step, self.iteration = state["step"], state["iteration"]
-        self.episode, self.episode_step = resumed_episode(state)
+        streams = zip(np.atleast_1d(state["episode"]).tolist(), np.atleast_1d(state["episode_step"]).tolist(), strict=True)
+        resumed = [resumed_episode({"episode": episode, "episode_step": step}) for episode, step in streams]
+        if len(resumed) != self.streams:
+            raise ValueError(f"{directory}: a checkpoint of {len(resumed)} streams, this learner has {self.streams}")
+        self.episode, self.episode_step = [e for e, _ in resumed], [s for _, s in resumed]
         self.rng.bit_generator.state = state["rng"]
-        self.obs = None
+        self.obs = [None] * self.streams

@@ -104,10 +104,21 @@ class PPOConfig:
     clip_param: float = Field(0.2, gt=0)
     entropy_coeff: float = Field(0.0, ge=0)
     hidden: list[int] = field(default_factory=lambda: [64, 64])
+    # lean_ppo only: envs one learner steps in lockstep, each recorded as its own history (a stream;
+    # plan.teacher_specs names them). Streams share the learner, so they are not independent
+    # teachers. train_batch_size counts the steps of all streams together.
+    num_envs: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _whole_streams(self):
+        if self.train_batch_size % self.num_envs:
+            raise ValueError(f"train_batch_size {self.train_batch_size} is not a multiple of num_envs {self.num_envs}")
+        return self
 
     @property
     def granularity(self) -> int:
-        return self.train_batch_size
+        """Env steps per stream in one iteration: train_steps(n) needs n to be a multiple."""
+        return self.train_batch_size // self.num_envs
 
     @staticmethod
     def check_spaces(env_id: str, observation_space: gym.Space, action_space: gym.Space) -> None:
