@@ -19,6 +19,9 @@ EXTRAPOLATION, TRANSFER, CONTROL = "extrapolation", "transfer", "control"
 TESTS = (EXTRAPOLATION, TRANSFER, CONTROL)
 
 IMITATOR, TEACHER, SNAPSHOT, RANDOM = "imitator", "teacher", "snapshot", "random"
+# The in-data control: the cutoff imitator primed at an earlier step c' and rolled out from c' to
+# the cutoff, an improvement its training data holds (plan.TrialSpec.prime_step).
+IN_DATA = "in_data"
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
         scratch_label="teacher learning from scratch"),
     Arm(SNAPSHOT, (EXTRAPOLATION,), "frozen snapshot at cutoff", "tab:orange", FINAL_SNAPSHOT, cost=1),
     Arm(RANDOM, TESTS, "random policy", "tab:gray", FINAL_RANDOM, cost=0),
+    Arm(IN_DATA, (EXTRAPOLATION,), "imitator from c' (in-data control)", "tab:blue", f"final_return_{IN_DATA}", cost=2),
 )}
 IMITATOR_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "black")
 

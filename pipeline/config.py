@@ -154,6 +154,9 @@ class EvaluateGroup:
     heldout: int | None = Field(None, ge=0)  # transfer: the first N held-out tasks (or envs); None: all
     contexts: list[Literal["primed", "empty"]] = Field(default_factory=lambda: ["primed"], min_length=1)  # extrapolation imitators
     heldout_seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)  # transfer: runs per held-out task
+    # The in-data control's c'/c: with primed contexts, each cutoff imitator is also primed at this
+    # fraction of the cutoff step and rolled out to the cutoff (plan.in_data_prime_step); None: off.
+    in_data_fraction: float | None = Field(0.25, gt=0, lt=1)
 
 
 @dataclass(config=_STRICT)

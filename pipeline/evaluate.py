@@ -4,11 +4,12 @@
     tensorboard --logdir runs/quick/tune            # every trial's charts/episodic_return against env steps
 
 The grid's units (plan.TrialSpec: one arm on one env/task and seed, for a cutoff) run `horizon`
-env steps after the cutoff. A Tune trial runs a batch of up to `evaluate.lockstep` units of one
-arm, test, cutoff, imitator and context in lockstep (plan.trial_batches), each in its own env,
-and reports every finished episode to Tune with its unit's trial_id (unit, charts/episodic_return,
-charts/episodic_length, charts/env_steps counted from the cutoff); its last report
-(trial/finished) marks every unit of the batch finished. The arms:
+env steps after the cutoff (the in-data control: from its earlier prime step c' to the cutoff).
+A Tune trial runs a batch of up to `evaluate.lockstep` units of one arm, test, cutoff, imitator
+and context in lockstep (plan.trial_batches), each in its own env, and reports every finished
+episode to Tune with its unit's trial_id (unit, charts/episodic_return, charts/episodic_length,
+charts/env_steps counted from the cutoff, or c'); its last report (trial/finished) marks every
+unit of the batch finished. The arms:
   imitator  the frozen imitator of the cutoff (every size and context length trained), rolled
             out with its KV cache, one model call per step for the whole batch; each unit's
             context primed with its teacher's last pre-cutoff steps, or empty
@@ -16,6 +17,9 @@ charts/episodic_length, charts/env_steps counted from the cutoff); its last repo
             tasks or envs, a fresh teacher learning from scratch; one unit per trial
   snapshot  the teacher's frozen greedy policy at the cutoff
   random    uniformly random actions
+  in_data   the in-data control: the imitator arm's cutoff imitator, each unit's context primed with
+            its teacher's last steps before c' (evaluate.imitators.*.in_data_fraction of the cutoff
+            step), rolled out for the cutoff_step - c' steps the teacher took from there to the cutoff
 Tune stores everything under {store}/{experiment}/tune (s3:// works), one folder per trial named by
 its batch id (a one-unit batch by its unit's trial_id); rerunning the same command restores the
 experiment and runs only the trials that are missing or failed.
@@ -32,7 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from pipeline import layout
-from pipeline.arms import ARMS, EXTRAPOLATION, IMITATOR, RANDOM, SNAPSHOT, TEACHER
+from pipeline.arms import ARMS, EXTRAPOLATION, IMITATOR, IN_DATA, RANDOM, SNAPSHOT, TEACHER
 from pipeline.collect import load_checkpoint
 from pipeline.config import Preset, Resources
 from pipeline.envs import make_env
@@ -175,12 +179,15 @@ def load_trial_imitator(trial: TrialSpec, store: Store, experiment: str):
         return load_imitator(local, device)
 
 
+@runs(IN_DATA)
 @runs(IMITATOR)
 def imitator_arm(units: list[TrialSpec], store: Store, experiment: str) -> Iterator[Episode]:
     """One policy steps every unit's env: one model call per step for the whole batch. The batch's
-    sampling stream is seeded by its first unit."""
+    sampling stream is seeded by its first unit. A primed context holds the teacher's last steps
+    before the unit's primed_until: the cutoff, or the in-data control's earlier prime step."""
     model = load_trial_imitator(units[0], store, experiment)
-    yield from imitator_rollout(model, units, [_pre_cutoff_steps(unit, store, experiment, model.args.context_steps)
+    yield from imitator_rollout(model, units, [recorded_steps_before(unit, unit.primed_until, store, experiment,
+                                                                     model.args.context_steps)
                                                for unit in units] if units[0].context == PRIMED else None)
 
 
@@ -194,14 +201,17 @@ def imitator_rollout(model, units: list[TrialSpec], primes: list | None) -> Iter
         yield from _lockstep(units, envs, lambda obs, first: policy.act(np.asarray(obs), first), policy.observe)
 
 
-def _pre_cutoff_steps(trial: TrialSpec, store: Store, experiment: str, count: int):
-    """The teacher's last `count` recorded steps before the cutoff: obs, action, reward, first."""
+def recorded_steps_before(trial: TrialSpec, step: int, store: Store, experiment: str, count: int):
+    """The trial's teacher's last `count` recorded steps before `step` (fewer when the history has
+    fewer): obs, action, reward, first."""
     history = TeacherHistory(store, experiment, trial.env_id, trial.teacher_spec.teacher_id)
     manifest = history.read_manifest()
-    manifest.shards = [s for s in manifest.shards if s.last_step >= trial.cutoff_step - count and s.first_step < trial.cutoff_step]
+    manifest.shards = [s for s in manifest.shards if s.last_step >= step - count and s.first_step < step]
+    if not manifest.shards:  # step 0: the in-data control from the teacher's start, an empty context
+        return np.zeros((4, 0))
     table = history.read(manifest)
     batch = Transitions.from_table(table, check_schema(table.schema, history.dir))
-    keep = (batch.step >= trial.cutoff_step - count) & (batch.step < trial.cutoff_step)
+    keep = (batch.step >= step - count) & (batch.step < step)
     return batch.obs[keep], batch.action[keep], batch.reward[keep], batch.episode_step[keep] == 0
 
 
@@ -228,7 +238,7 @@ def run_trial(config: dict[str, Any]) -> None:
 def check_inputs(trials: list[TrialSpec], store: Store, experiment: str) -> None:
     """Every imitator finished training and every teacher checkpoint exists, before Tune starts."""
     for trial in trials:
-        if trial.arm == IMITATOR:
+        if trial.imitator:  # the imitator arm and the in-data control
             folder = layout.imitator_dir(experiment, trial.cutoff, trial.imitator)
             if not store.exists(f"{folder}/{layout.DONE_FILE}"):
                 raise EvaluateError(f"imitator {trial.imitator} at cutoff {trial.cutoff:g} has not finished training "
@@ -253,7 +263,7 @@ def evaluate(preset: Preset, store: Store, experiment: str, log: Callable[[str],
     settings = preset.evaluate
     batches = trial_batches(trials, settings.lockstep)
     layout.record_settings(store, layout.grid_file(experiment), grid_record(trials, batches, settings.lockstep),
-                           what="an evaluation grid", experiment=experiment, upgrade=_grid_before_lockstep)
+                           what="an evaluation grid", experiment=experiment, upgrade=upgraded_grid)
     check_inputs(trials, store, experiment)
     ensure_ray()
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's compact status table instead of every trial's config
@@ -291,13 +301,14 @@ def grid_record(trials: list[TrialSpec], batches: list[TrialBatch], lockstep: in
             "batches": {b.batch_id: [u.trial_id for u in b.units] for b in batches}}
 
 
-def _grid_before_lockstep(stored):
-    """A grid recorded before evaluate.lockstep (a list of TrialSpecs, one Tune trial each), in
-    today's form: a rerun of such an experiment is refused, naming lockstep, since its Tune
-    trials hold one unit each in a config this version does not read."""
-    if isinstance(stored, dict):
-        return stored
-    return {"lockstep": "none (one Tune trial per unit, recorded before evaluate.lockstep)", "trials": stored}
+def upgraded_grid(stored):
+    """A grid recorded by an older version, in today's form. One from before evaluate.lockstep (a
+    list of TrialSpecs, one Tune trial each): a rerun of it is refused, naming lockstep, since its
+    Tune trials hold one unit each in a config this version does not read. Units recorded before
+    the in-data control have no prime_step: theirs is None."""
+    grid = stored if isinstance(stored, dict) else {
+        "lockstep": "none (one Tune trial per unit, recorded before evaluate.lockstep)", "trials": stored}
+    return {**grid, "trials": [{"prime_step": None, **trial} for trial in grid["trials"]]}
 
 
 def longest_first(batches: list[TrialBatch]) -> list[TrialBatch]:

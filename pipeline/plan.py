@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pipeline import layout
-from pipeline.arms import CONTROL, EXTRAPOLATION, IMITATOR, TEACHER, TRANSFER, arms_for
+from pipeline.arms import CONTROL, EXTRAPOLATION, IMITATOR, IN_DATA, TEACHER, TRANSFER, arms_for
 from pipeline.envs import make_env
 from pipeline.schema import ObsEncoding
 from pipeline.teachers import algo_config
@@ -47,6 +47,12 @@ def cutoff_steps(budget: int, cutoffs: list[float], granularity: int) -> dict[in
     """Step of each cutoff fraction, rounded to whole training iterations; the end is cutoff 1.0."""
     steps = {granularity * round(c * budget / granularity): c for c in cutoffs}
     return steps | {budget: 1.0}
+
+
+def in_data_prime_step(cutoff_step: int, fraction: float, granularity: int) -> int:
+    """The in-data control's prime step c': `fraction` of the cutoff step, rounded down to whole
+    training iterations (0 when less than one fits: an empty context at the teacher's start)."""
+    return granularity * int(round(fraction * cutoff_step / granularity, 6))  # round(): 2.9999999999999996 is 3
 
 
 def group_cutoff_steps(group, cutoffs: list[float]) -> dict[float, int]:
@@ -238,11 +244,17 @@ class TrialSpec:
     seed: int  # the bootstrap unit: the teacher's number in the group (extrapolation) or the run on a held-out task
     cutoff: float
     cutoff_step: int
-    horizon: int
+    horizon: int  # env steps it runs: the group's H; for the in-data control, cutoff_step - prime_step
     teacher: dict[str, Any] = field(default_factory=dict)  # TeacherSpec of the teacher arm's teacher, as a dict
-    imitator: str = ""  # imitator name ({group}-{size}-ctx{T}); imitator arm only
-    context: str = ""  # PRIMED | EMPTY; imitator arm only
+    imitator: str = ""  # imitator name ({group}-{size}-ctx{T}); imitator and in-data arms only
+    context: str = ""  # PRIMED | EMPTY; imitator and in-data arms only
     temperature: float = 1.0
+    prime_step: int | None = None  # in-data arm: the step c' its context is primed before; None: the cutoff step
+
+    @property
+    def primed_until(self) -> int:
+        """The step before which the teacher's recorded steps prime a primed context."""
+        return self.cutoff_step if self.prime_step is None else self.prime_step
 
     @property
     def teacher_spec(self) -> TeacherSpec:
@@ -263,7 +275,7 @@ def trial_specs(preset) -> list[TrialSpec]:
             common = dict(group=name, cutoff=cutoff, cutoff_step=steps[cutoff], horizon=test.horizon, temperature=group.temperature)
             if cutoff < 1.0:  # the units: teachers, and of a learner of several envs its first stream only
                 for number, teacher in enumerate([t for t in members if t.stream == 0][:test.teachers]):
-                    trials += _extrapolation(teacher, number, variants, test.contexts, common)
+                    trials += _extrapolation(teacher, number, variants, test, common)
             for index, (env_id, kwargs, task) in enumerate(heldout_targets(collected)[:test.heldout]):
                 for seed in test.heldout_seeds:
                     scratch = scratch_teacher(members[0], env_id, kwargs, task, seed)
@@ -284,17 +296,28 @@ def heldout_targets(group) -> list[tuple[str, dict, str]]:
 
 
 def _arm_trials(test: str, prefix: str, base: dict, variants: list[ImitatorSpec], contexts: list[str]) -> list[TrialSpec]:
-    """The trials of one unit: every arm of the test, the imitator once per variant and context."""
-    trials = [TrialSpec(trial_id=f"{prefix}-{arm}", arm=arm, **base) for arm in arms_for(test) if arm != IMITATOR]
+    """The trials of one unit: every arm of the test, the imitator once per variant and context; not
+    the in-data control (_extrapolation adds it)."""
+    trials = [TrialSpec(trial_id=f"{prefix}-{arm}", arm=arm, **base)
+              for arm in arms_for(test) if arm not in (IMITATOR, IN_DATA)]
     return trials + [TrialSpec(trial_id=f"{prefix}-{v.name}-{context}", arm=IMITATOR, imitator=v.name, context=context, **base)
                      for v in variants for context in contexts]
 
 
-def _extrapolation(teacher: TeacherSpec, number: int, variants: list[ImitatorSpec], contexts: list[str],
+def _extrapolation(teacher: TeacherSpec, number: int, variants: list[ImitatorSpec], test,
                    common: dict) -> list[TrialSpec]:
+    """The trials of one teacher's unit; with primed contexts and test.in_data_fraction (config.EvaluateGroup),
+    also the in-data control of each variant."""
     base = dict(test=EXTRAPOLATION, env_id=teacher.env_id, env_kwargs=teacher.env_kwargs, task_id=teacher.task_id,
                 seed=number, teacher=teacher.settings(), **common)
-    return _arm_trials(EXTRAPOLATION, f"x-{teacher.teacher_id}-c{common['cutoff']:g}", base, variants, contexts)
+    prefix = f"x-{teacher.teacher_id}-c{common['cutoff']:g}"
+    trials = _arm_trials(EXTRAPOLATION, prefix, base, variants, test.contexts)
+    if test.in_data_fraction is None or PRIMED not in test.contexts:
+        return trials
+    start = in_data_prime_step(common["cutoff_step"], test.in_data_fraction, teacher.granularity)
+    in_data = {**base, "horizon": common["cutoff_step"] - start}  # the stretch from c' to c, whatever H is
+    return trials + [TrialSpec(trial_id=f"{prefix}-{v.name}-{PRIMED}-{IN_DATA}", arm=IN_DATA, imitator=v.name,
+                               context=PRIMED, prime_step=start, **in_data) for v in variants]
 
 
 def _transfer(scratch: TeacherSpec, index: int, variants: list[ImitatorSpec], test: str, common: dict) -> list[TrialSpec]:
@@ -354,5 +377,6 @@ def _batch_id(units: list[TrialSpec], number: int) -> str:
     if len(units) == 1:
         return units[0].trial_id
     unit = units[0]
-    variant = f"{unit.imitator}-{unit.context}" if unit.arm == IMITATOR else f"{unit.group}-{unit.arm}"
-    return f"{unit.test}-c{unit.cutoff:g}-{variant}-b{number}"
+    variant = f"{unit.imitator}-{unit.context}" if unit.imitator else unit.group
+    arm = "" if unit.arm == IMITATOR else f"-{unit.arm}"
+    return f"{unit.test}-c{unit.cutoff:g}-{variant}{arm}-b{number}"

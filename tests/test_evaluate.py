@@ -9,17 +9,19 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
+import numpy as np
 import pytest
 
 from pipeline import layout
 from pipeline.config import ConfigError, load_preset
-from pipeline.arms import ARMS, IMITATOR, RANDOM, SNAPSHOT, TEACHER
-from pipeline.evaluate import RUNNERS, EvaluateError, evaluate, grid_record
-from pipeline.plan import trial_batches, trial_specs
+from pipeline.arms import ARMS, IMITATOR, IN_DATA, RANDOM, SNAPSHOT, TEACHER
+from pipeline.evaluate import RUNNERS, EvaluateError, evaluate, grid_record, recorded_steps_before, upgraded_grid
+from pipeline.history import TeacherHistory
+from pipeline.plan import PRIMED, trial_batches, trial_specs
 from pipeline.metrics import ENV_STEPS, EPISODIC_RETURN, TRIAL_FINISHED
-from pipeline.report.stage import gather
+from pipeline.report.stage import gather, report
 from pipeline.report.tables import EPISODE_STEPS, OK, RETURN, STATUS, TRIAL_ID
 from pipeline.store import Store
 
@@ -69,12 +71,13 @@ LOCKSTEP = ["evaluate.lockstep=3", "evaluate.imitators.darkroom.teachers=4",
 
 
 def test_units_in_lockstep_report_each_episode_under_its_own_unit(trained, tmp_path):
-    """Four extrapolation units per arm run as Tune trials of 2 and 2, three transfer units as one
-    trial of 3: the report gets every unit's episodes, the same as that unit run alone."""
+    """Four extrapolation units per arm (the in-data control's too) run as Tune trials of 2 and 2,
+    three transfer units as one trial of 3: the report gets every unit's episodes, the same as that
+    unit run alone, and builds with the in-data control's units among them."""
     store = copy_of(trained, tmp_path)
     preset = load_preset("smoke", LOCKSTEP)
     units, batches = trial_specs(preset), batches_of(preset)
-    assert sorted(len(b.units) for b in batches if b.arm != TEACHER) == [2] * 6 + [3] * 2
+    assert sorted(len(b.units) for b in batches if b.arm != TEACHER) == [2] * 8 + [3] * 2
     check_results(evaluate(preset, store, "exp", **QUIET), preset)
     trials, episodes, _ = gather(preset, store, "exp")
     assert len(trials) == len(units) and (trials[STATUS] == OK).all()
@@ -86,7 +89,36 @@ def test_units_in_lockstep_report_each_episode_under_its_own_unit(trained, tmp_p
                  for u in units if u.arm == arm}
         assert alone == {unit: by_unit[unit] for unit in alone}
         assert len({tuple(episodes) for episodes in alone.values()}) > 1  # units differ: a mix-up would show
-    assert {u.trial_id for u in units if u.arm == IMITATOR} <= set(by_unit)
+    assert {u.trial_id for u in units if u.arm in (IMITATOR, IN_DATA)} <= set(by_unit)
+    in_data = [u for u in units if u.arm == IN_DATA]
+    assert len(in_data) == 4 and all(u.horizon == 450 for u in in_data)  # from c' = 150 to the cutoff at 600
+    assert len(report(preset, store, "exp", **QUIET).table)
+
+
+def test_a_primed_context_holds_the_teachers_last_steps_before_its_units_prime_step(trained):
+    """The in-data control's context ends at its prime step c' (150 steps into the smoke teacher's
+    history), the imitator arm's at the cutoff (600); fewer steps where fewer are recorded."""
+    store, preset = Store(str(trained[0])), trained[1]
+    units = [u for u in trial_specs(preset) if u.context == PRIMED]
+    in_data, imitator = (next(u for u in units if u.arm == arm) for arm in (IN_DATA, IMITATOR))
+    assert (in_data.primed_until, imitator.primed_until) == (150, 600)
+    table = TeacherHistory(store, "exp", in_data.env_id, in_data.teacher_spec.teacher_id).read()
+    steps, actions, rewards = (table[column].to_numpy() for column in ("step", "action", "reward"))
+    for unit, end in ((in_data, 150), (imitator, 600), (replace(in_data, prime_step=7), 7),
+                      (replace(in_data, prime_step=0), 0)):
+        obs, action, reward, first = recorded_steps_before(unit, unit.primed_until, store, "exp", 20)
+        recorded = (steps >= end - 20) & (steps < end)
+        assert len(obs) == len(action) == len(first) == min(20, end)
+        np.testing.assert_array_equal(action, actions[recorded])
+        np.testing.assert_array_equal(reward, rewards[recorded])
+
+
+def test_a_grid_recorded_before_the_in_data_control_reruns_with_it_off():
+    preset = load_preset("smoke", ["evaluate.imitators.darkroom.in_data_fraction=null"])
+    grid = grid_record(trial_specs(preset), batches_of(preset), preset.evaluate.lockstep)
+    old = {**grid, "trials": [{k: v for k, v in trial.items() if k != "prime_step"} for trial in grid["trials"]]}
+    assert not layout.check_rerun(json.dumps(old).encode(), grid, what="an evaluation grid", experiment="exp",
+                                  where="_grid.json", upgrade=upgraded_grid)
 
 
 def test_a_rerun_with_another_lockstep_or_a_grid_from_before_lockstep_is_refused(trained, tmp_path):

@@ -8,10 +8,11 @@ import pytest
 
 from conftest import REPO
 from pipeline import layout
-from pipeline.arms import ARMS, CONTROL, EXTRAPOLATION, TEACHER, TRANSFER, arms_for
+from pipeline.arms import ARMS, CONTROL, EXTRAPOLATION, IMITATOR, IN_DATA, TEACHER, TRANSFER, arms_for
 from pipeline.config import ConfigError, load_preset
 from pipeline.errors import PipelineError
-from pipeline.plan import ImitatorSpec, TrialBatch, imitator_specs, trial_batches, trial_specs
+from pipeline.plan import (PRIMED, ImitatorSpec, TrialBatch, imitator_specs, in_data_prime_step, trial_batches,
+                           trial_specs)
 
 
 def test_plan_layout_and_arms_import_neither_ray_nor_torch():
@@ -65,6 +66,36 @@ def test_the_quick_grid_runs_in_fewer_fuller_trials():
     assert len(batches) < len(units) / 2
 
 
+def test_the_in_data_control_primes_each_variant_a_quarter_of_the_way_to_the_cutoff():
+    """atari: two context lengths, three cutoffs, primed and empty contexts, 100-step iterations."""
+    preset = load_preset("atari")
+    trials = trial_specs(preset)
+    in_data = [t for t in trials if t.arm == IN_DATA]
+    primed = [t for t in trials if t.arm == IMITATOR and t.test == EXTRAPOLATION and t.context == PRIMED]
+    assert sorted(t.trial_id for t in in_data) == sorted(f"{t.trial_id}-{IN_DATA}" for t in primed)
+    # c' = 0.25 c rounded down to whole iterations; the horizon is the stretch from c' to c, not H
+    expected = {625_000: (156_200, 468_800), 1_250_000: (312_500, 937_500), 1_875_000: (468_700, 1_406_300)}
+    assert {t.cutoff_step: (t.prime_step, t.horizon) for t in in_data} == expected
+    assert all(t.test == EXTRAPOLATION and t.context == PRIMED and t.primed_until == t.prime_step for t in in_data)
+    assert all(t.prime_step is None and t.primed_until == t.cutoff_step for t in trials if t.arm != IN_DATA)
+    batches = [b for b in trial_batches(trials, preset.evaluate.lockstep) if b.arm == IN_DATA]
+    assert len(batches) == 6 and len({b.batch_id for b in batches}) == 6  # one per cutoff and variant
+    assert all(len({(u.imitator, u.prime_step, u.horizon) for u in b.units}) == 1 for b in batches)
+
+
+@pytest.mark.parametrize("override", ["evaluate.imitators.darkroom.in_data_fraction=null",
+                                      "evaluate.imitators.darkroom.contexts=[empty]"])
+def test_no_in_data_control_when_it_is_off_or_no_context_is_primed(override):
+    trials = trial_specs(load_preset("smoke", [override]))
+    assert {t.arm for t in trials} == {*ARMS} - {IN_DATA}
+
+
+def test_the_prime_step_is_rounded_down_to_whole_iterations_and_may_be_the_start():
+    assert in_data_prime_step(6016, 0.25, 64) == 1472
+    assert in_data_prime_step(1000, 0.3, 100) == 300  # 0.3 * 1000 / 100 is 2.9999999999999996 in floats
+    assert in_data_prime_step(128, 0.25, 64) == 0  # less than an iteration: from the teacher's start
+
+
 def test_imitator_spec_carries_its_size_and_reads_old_records_without_it():
     spec = imitator_specs(load_preset("quick"))[0]
     assert spec.size == "small" and spec.name == f"{spec.group}-small-ctx{spec.model_args['context_steps']}"
@@ -98,6 +129,8 @@ def test_names_that_would_leave_their_folder_are_refused(name):
     ("evaluate.trial_resources={snapshots: {cpus: 1}}", "unknown arm"),
     ("collect.teachers.darkroom.budget=3", "too small to give distinct cutoff steps"),
     ("collect.teachers.darkroom.budget=[1,", "not valid YAML"),
+    ("evaluate.imitators.darkroom.in_data_fraction=0", "in_data_fraction: Input should be greater than 0"),
+    ("evaluate.imitators.darkroom.in_data_fraction=1", "in_data_fraction: Input should be less than 1"),
 ])
 def test_an_override_at_fault_is_named_as_the_culprit(override, message):
     with pytest.raises(ConfigError) as caught:
