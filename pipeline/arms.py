@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.metrics import FINAL_IMITATOR, FINAL_RANDOM, FINAL_SNAPSHOT, FINAL_TEACHER
+from pipeline.metrics import FINAL_IMITATOR, FINAL_IN_DATA, FINAL_RANDOM, FINAL_SNAPSHOT, FINAL_TEACHER
 
 # The tests (values of a trial's `test`): the cutoff test on the teachers' own tasks, the same
 # imitators on held-out tasks or envs, and the full-history imitator on held-out tasks.
@@ -41,7 +41,7 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
         scratch_label="teacher learning from scratch"),
     Arm(SNAPSHOT, (EXTRAPOLATION,), "frozen snapshot at cutoff", "tab:orange", FINAL_SNAPSHOT, cost=1),
     Arm(RANDOM, TESTS, "random policy", "tab:gray", FINAL_RANDOM, cost=0),
-    Arm(IN_DATA, (EXTRAPOLATION,), "imitator from c' (in-data control)", "tab:blue", f"final_return_{IN_DATA}", cost=2),
+    Arm(IN_DATA, (EXTRAPOLATION,), "imitator from c' (in-data control)", "tab:blue", FINAL_IN_DATA, cost=2),
 )}
 IMITATOR_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "black")
 

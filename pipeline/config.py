@@ -23,6 +23,7 @@ from pipeline.arms import ARMS
 from pipeline.envs import make_env
 from pipeline.errors import BadInput, ConfigError
 from pipeline.layout import check_name
+from pipeline.metrics import VerdictRules
 from pipeline.plan import cutoff_steps, group_cutoff_steps, imitator_cutoffs, teacher_id
 from pipeline.teachers import ALGORITHMS, algo_config
 
@@ -131,9 +132,9 @@ class TrainConfig:
     num_workers: int = Field(1, gt=0)  # Ray Train workers per job (data parallel)
     use_gpu: bool | Literal["auto"] = False  # one GPU per worker; auto: if the cluster has GPUs when train starts
     cpus_per_worker: float = Field(1, gt=0)
-    # The most imitators one Ray Train job fits, one after another. Starting a job costs about
-    # 15 s here (controller, workers, the first read of the data), paid once per job; each further
-    # imitator in it costs a second or two (BENCHMARKS.md).
+    # The most imitators one Ray Train job fits, one after another. A job costs about 25 s on 2
+    # cores (controller, worker, the first read of the data), paid once; each further imitator in
+    # it about a second beyond its training (BENCHMARKS.md).
     imitators_per_job: int = Field(8, gt=0)
     # Ray Train jobs run at once; the imitators are spread over at least this many jobs. On a
     # small machine a job is one torch thread, so two at once (with half a CPU per worker, which
@@ -159,6 +160,9 @@ class EvaluateGroup:
     in_data_fraction: float | None = Field(0.25, gt=0, lt=1)
 
 
+VerdictConfig = dataclass(VerdictRules, config=_STRICT)  # a preset's evaluate.verdict, checked as the other configs
+
+
 @dataclass(config=_STRICT)
 class EvaluateConfig:
     imitators: dict[str, EvaluateGroup] = field(default_factory=dict)  # keyed by train.imitators group
@@ -171,6 +175,8 @@ class EvaluateConfig:
     # units share one model call per step (plan.trial_batches). 1: one trial per unit. The teacher
     # arm always runs one unit per trial.
     lockstep: int = Field(16, gt=0)
+    # The verdict ladder's thresholds (metrics.extrapolation_verdict): fidelity, in_data, margin.
+    verdict: VerdictConfig = field(default_factory=VerdictConfig)
 
 
 @dataclass(config=_STRICT)

@@ -40,24 +40,31 @@ BOOTSTRAP_SEED = 0
 # Per-seed metrics (columns of the per-seed frame; estimates in the summary).
 L_C = "teacher_return_at_cutoff"  # mean of the teacher's last W episodes before the cutoff
 B_C = "pre_cutoff_best"  # best W-episode mean before the cutoff: the ceiling the imitator saw
+B_C_DEBIASED = "pre_cutoff_best_debiased"  # B_c chosen on half the episodes, measured on the other half
 GAIN_TEACHER = "gain_teacher"  # continued teacher's final W-episode mean - L_c
 GAIN_IMITATOR = "gain_imitator"  # imitator's final W-episode mean - L_c
-CEILING_EXCEEDANCE = "ceiling_exceedance"  # imitator final - B_c
+CEILING_EXCEEDANCE = "ceiling_exceedance"  # imitator final - de-biased B_c
 SNAPSHOT_FIDELITY = "snapshot_fidelity"  # imitator first-W mean / L_c
+FIDELITY = "fidelity"  # (imitator first-W mean - random final) / (L_c - random final)
+IN_DATA_RATIO = "in_data_ratio"  # in-data control: its gain from L_c' over the teacher's recorded gain L_c - L_c'
+IMITATOR_DRIFT = "imitator_drift"  # imitator final - its first-W mean (below 0 with its CI: it degrades)
 FIRST_IMITATOR = "first_return_imitator"  # imitator first-W mean (fidelity's numerator)
 FINAL_TEACHER = "final_return_teacher"  # final W-episode mean of each arm after H steps
 FINAL_IMITATOR = "final_return_imitator"
 FINAL_SNAPSHOT = "final_return_snapshot"
 FINAL_RANDOM = "final_return_random"
+FINAL_IN_DATA = "final_return_in_data"  # the in-data control's final W-episode mean (reaching the cutoff)
 TRANSFER_AUC_RATIO = "transfer_auc_ratio"  # AUC(imitator) / AUC(teacher from scratch), held-out env
-PER_SEED_METRICS = (L_C, B_C, GAIN_TEACHER, GAIN_IMITATOR, CEILING_EXCEEDANCE, SNAPSHOT_FIDELITY,
-                    FIRST_IMITATOR, FINAL_TEACHER, FINAL_IMITATOR, FINAL_SNAPSHOT, FINAL_RANDOM,
-                    TRANSFER_AUC_RATIO)
+PER_SEED_METRICS = (L_C, B_C, B_C_DEBIASED, GAIN_TEACHER, GAIN_IMITATOR, CEILING_EXCEEDANCE, SNAPSHOT_FIDELITY,
+                    FIDELITY, IN_DATA_RATIO, IMITATOR_DRIFT, FIRST_IMITATOR, FINAL_TEACHER, FINAL_IMITATOR,
+                    FINAL_SNAPSHOT, FINAL_RANDOM, FINAL_IN_DATA, TRANSFER_AUC_RATIO)
 
 # Group-level results (summary columns).
 EXTRAPOLATION_RATIO = "extrapolation_ratio"  # mean(gain_imitator) / mean(gain_teacher)
 EXTRAPOLATION_RATIO_REASON = "extrapolation_ratio_reason"  # "" when reported, else why it is NaN
 VERDICT = "verdict"
+VERDICT_REASON = "verdict_reason"  # the numbers behind the rung the ladder stopped at
+DEGRADES = "degrades"  # the imitator ends significantly below its own start (beside the verdict)
 N_SEEDS = "n_seeds"  # seeds with a row in the group
 MISSING_SEEDS = "missing_seeds"  # expected seeds without every value the verdict needs
 LOW, HIGH, COUNT = "_low", "_high", "_n"  # suffixes: CI bounds and number of finite seeds
@@ -67,12 +74,14 @@ ENV = "env"
 CUTOFF = "cutoff"
 SEED = "seed"
 
-# Verdicts. A missing verdict reads "missing: seeds [3, 4]".
+# Verdicts: the rungs of the ladder (extrapolation_verdict), in order. Missing reads "missing: seeds [3, 4]".
+MISSING = "missing"
+NOT_TESTABLE = "not testable here"
+IMITATION_FAILED = "imitation failed"
 EXTRAPOLATES = "extrapolates"
 DOES_NOT = "does not"
 INCONCLUSIVE = "inconclusive"
-MISSING = "missing"
-VERDICT_INPUTS = (FINAL_IMITATOR, FINAL_TEACHER, B_C)
+VERDICT_INPUTS = (FINAL_IMITATOR, FINAL_TEACHER, GAIN_TEACHER, GAIN_IMITATOR, CEILING_EXCEEDANCE, FIDELITY, IMITATOR_DRIFT)
 
 
 def ci_columns(metric: str) -> tuple[str, str, str]:
@@ -151,6 +160,24 @@ def best_window_mean(curve: Curve, by_step: int | None, window: int = WINDOW) ->
     return float(((sums[window:] - sums[:-window]) / window).max())
 
 
+def debiased_best_window_mean(curve: Curve, by_step: int | None, window: int = WINDOW) -> float:
+    """B_c without the max's upward bias (the max over many noisy windows of one curve lies above
+    the level it found): the episodes split into even- and odd-numbered halves; the best window of
+    W/2 episodes of one half (spanning W episodes of the curve) chosen there and its mean measured
+    at the same place in the other half; both ways, averaged. Fewer than W episodes: their mean."""
+    returns = curve.upto(by_step).episode_return
+    halves, half = (returns[0::2], returns[1::2]), max(1, window // 2)
+    n = len(halves[1])
+    if n < half or len(returns) < window:
+        return window_mean(returns, window)
+    estimates = []
+    for choose, measure in (halves, halves[::-1]):
+        means = np.convolve(choose[:n], np.ones(half) / half, mode="valid")  # (n - W/2 + 1,)
+        best = int(means.argmax())
+        estimates.append(float(measure[best:best + half].mean()))
+    return float(np.mean(estimates))
+
+
 def first_window_mean(curve: Curve, window: int = WINDOW) -> float:
     """Mean of the first W episodes."""
     return window_mean(curve.episode_return[:window], window)
@@ -173,17 +200,22 @@ def ratio(numerator: float, denominator: float) -> float:
 
 def per_seed_metrics(history: Curve, teacher: Curve | None, imitator: Curve | None, snapshot: Curve | None,
                      *, cutoff_step: int | None = None, horizon_steps: int | None = None,
-                     random: Curve | None = None, window: int = WINDOW) -> dict[str, float]:
+                     random: Curve | None = None, in_data: Curve | None = None, prime_step: int | None = None,
+                     window: int = WINDOW) -> dict[str, float]:
     """The metrics of one (env, cutoff, seed).
 
     history: the teacher's recorded episodes; only those finished by `cutoff_step` count (None: the
         curve is already the pre-cutoff part). Arms (continued teacher, imitator, frozen snapshot,
         random) count steps from 0 = the cutoff; only episodes finished by `horizon_steps` count
         (None: all). A missing arm (None) makes its metrics NaN, which the verdict reports as missing.
+        in_data: the in-data control, the imitator primed at `prime_step` c' < c and rolled out to
+        c (its own steps from 0 = c').
 
         L_c = mean of the last W pre-cutoff episodes      B_c = best W-episode pre-cutoff mean
-        gain_arm = final_W(arm) - L_c                      ceiling exceedance = final_W(imitator) - B_c
+        gain_arm = final_W(arm) - L_c                      ceiling exceedance = final_W(imitator) - de-biased B_c
         snapshot fidelity = first_W(imitator) / L_c       (NaN when L_c == 0)
+        fidelity = (first_W(imitator) - final_W(random)) / (L_c - final_W(random))
+        in-data ratio = (final_W(in_data) - L_c') / (L_c - L_c')   imitator drift = final_W(imitator) - first_W(imitator)
     """
     pre = history.upto(cutoff_step)
 
@@ -191,19 +223,27 @@ def per_seed_metrics(history: Curve, teacher: Curve | None, imitator: Curve | No
         return final_window_mean(arm.upto(horizon_steps), window) if arm is not None else float("nan")
 
     l_c, b_c = last_window_mean(pre, None, window), best_window_mean(pre, None, window)
+    b_c_debiased = debiased_best_window_mean(pre, None, window)
     first = first_window_mean(imitator, window) if imitator is not None else float("nan")
+    l_prime = last_window_mean(history, prime_step, window) if prime_step is not None else float("nan")
+    in_data_final = final_window_mean(in_data, window) if in_data is not None else float("nan")
     return {
         L_C: l_c,
         B_C: b_c,
+        B_C_DEBIASED: b_c_debiased,
         GAIN_TEACHER: final(teacher) - l_c,
         GAIN_IMITATOR: final(imitator) - l_c,
-        CEILING_EXCEEDANCE: final(imitator) - b_c,
+        CEILING_EXCEEDANCE: final(imitator) - b_c_debiased,
         SNAPSHOT_FIDELITY: ratio(first, l_c),
+        FIDELITY: ratio(first - final(random), l_c - final(random)),
+        IN_DATA_RATIO: ratio(in_data_final - l_prime, l_c - l_prime),
+        IMITATOR_DRIFT: final(imitator) - first,
         FIRST_IMITATOR: first,
         FINAL_TEACHER: final(teacher),
         FINAL_IMITATOR: final(imitator),
         FINAL_SNAPSHOT: final(snapshot),
         FINAL_RANDOM: final(random),
+        FINAL_IN_DATA: in_data_final,
     }
 
 
@@ -337,15 +377,84 @@ def verdict(imitator_final: Sequence[float], teacher_final: Sequence[float], cei
     return DOES_NOT if behind_high < 0 else INCONCLUSIVE
 
 
+@dataclass
+class VerdictRules:
+    """The thresholds of the verdict ladder; a preset sets them as evaluate.verdict (config.py)."""
+
+    fidelity: float = 0.5  # imitation failed: mean fidelity over seeds below this
+    in_data: float = 0.5  # imitation failed: mean in-data ratio over seeds below this
+    margin: float = 0.25  # does not extrapolate: the extrapolation ratio's CI upper bound below this
+
+    def __post_init__(self):
+        for name in ("fidelity", "in_data", "margin"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], not {getattr(self, name)}")
+
+
+class Verdict(NamedTuple):
+    said: str  # a rung of the ladder
+    reason: str  # the numbers behind it
+    degrades: bool  # beside the rung: the imitator ends significantly below its own start
+
+
+def _interval(values: np.ndarray, options: dict) -> str:
+    estimate, low, high = bootstrap_ci(values, **options)
+    return f"{estimate:.3g} [{low:.3g}, {high:.3g}]"
+
+
+def extrapolation_verdict(rows: pd.DataFrame, expected_seeds: Iterable[Any], rules: VerdictRules = VerdictRules(),
+                          n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
+                          seed: int = BOOTSTRAP_SEED) -> Verdict:
+    """The ladder over one comparison's per-seed rows (columns SEED, VERDICT_INPUTS and IN_DATA_RATIO),
+    stopping at the first rung that applies:
+      1 missing           an expected seed lacks a value the ladder needs (the in-data ratio too, where
+                          any seed has one)
+      2 not testable here the continued teacher's gain is not significantly above 0 (CI low <= 0)
+      3 imitation failed  mean fidelity < rules.fidelity, or mean in-data ratio < rules.in_data
+      4 extrapolates      the CI of imitator final - de-biased B_c is above 0
+      5 does not          the in-data control ran and passed, and the extrapolation ratio's CI upper
+                          bound is below rules.margin
+      6 inconclusive      otherwise; the reason gives the largest ratio the interval leaves open
+    Beside the rung, degrades: the CI of the imitator's final minus its first-W return is below 0."""
+    values = {c: rows[c].to_numpy(dtype=np.float64) for c in (*VERDICT_INPUTS, IN_DATA_RATIO)}
+    has_in_data = bool(np.isfinite(values[IN_DATA_RATIO]).any())
+    needed = [*VERDICT_INPUTS, *([IN_DATA_RATIO] if has_in_data else [])]
+    complete = np.logical_and.reduce([np.isfinite(values[c]) for c in needed])
+    missing = missing_seeds(expected_seeds, rows[SEED][complete])
+    if missing or not complete.any():
+        return Verdict(missing_status(missing), "the ladder needs every expected seed", False)
+    options = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
+    degrades = bootstrap_ci(values[IMITATOR_DRIFT], **options)[2] < 0
+    said = lambda rung, reason: Verdict(rung, reason, bool(degrades))  # noqa: E731
+    if not bootstrap_ci(values[GAIN_TEACHER], **options)[1] > 0:
+        return said(NOT_TESTABLE, f"continued teacher's gain {_interval(values[GAIN_TEACHER], options)} is not above 0")
+    fidelity, in_data = float(np.mean(values[FIDELITY])), float(np.mean(values[IN_DATA_RATIO])) if has_in_data else None
+    if fidelity < rules.fidelity:
+        return said(IMITATION_FAILED, f"fidelity {fidelity:.2f} < {rules.fidelity:g}")
+    if in_data is not None and in_data < rules.in_data:
+        return said(IMITATION_FAILED, f"in-data ratio {in_data:.2f} < {rules.in_data:g}")
+    if bootstrap_ci(values[CEILING_EXCEEDANCE], **options)[1] > 0:
+        return said(EXTRAPOLATES, f"imitator final - de-biased B_c {_interval(values[CEILING_EXCEEDANCE], options)} is above 0")
+    found = extrapolation_ratio(values[GAIN_IMITATOR], values[GAIN_TEACHER], **options)
+    ratio_text = f"extrapolation ratio {found.estimate:.2f} [{found.low:.2f}, {found.high:.2f}]"
+    if in_data is None:
+        return said(INCONCLUSIVE, f"{ratio_text}, but imitation is not verified: no in-data control")
+    if found.high < rules.margin:
+        return said(DOES_NOT, f"{ratio_text} is below {rules.margin:g}; fidelity {fidelity:.2f}, in-data ratio {in_data:.2f}")
+    return said(INCONCLUSIVE, f"{ratio_text}: ratios up to {found.high:.2f} are not ruled out at n = {int(complete.sum())}")
+
+
 def summarise(per_seed: pd.DataFrame, by: Sequence[str] = (ENV, CUTOFF), expected_seeds: Iterable[Any] | None = None,
-              n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE, seed: int = BOOTSTRAP_SEED) -> pd.DataFrame:
+              n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE, seed: int = BOOTSTRAP_SEED,
+              rules: VerdictRules = VerdictRules()) -> pd.DataFrame:
     """One row per group (default (env, cutoff)) from one row per (group, seed).
 
     Columns: the group keys; N_SEEDS; for each per-seed metric present, its bootstrap estimate,
     `_low`, `_high` and `_n` (finite seeds); the extrapolation ratio with its CI and
     EXTRAPOLATION_RATIO_REASON; and, when the frame has the verdict's inputs (final returns of
-    imitator and teacher, B_c), MISSING_SEEDS and VERDICT. Expected seeds default to every seed
-    in the frame, so a seed absent from one group shows there as missing.
+    imitator and teacher, ceiling exceedance, fidelity...), MISSING_SEEDS and the ladder's VERDICT,
+    VERDICT_REASON and DEGRADES (extrapolation_verdict). Expected seeds default to every seed in the
+    frame, so a seed absent from one group shows there as missing.
     """
     duplicated = per_seed.duplicated([*by, SEED])
     if duplicated.any():
@@ -365,10 +474,9 @@ def summarise(per_seed: pd.DataFrame, by: Sequence[str] = (ENV, CUTOFF), expecte
             estimate = extrapolation_ratio(group[GAIN_IMITATOR], group[GAIN_TEACHER], **options)
             row.update(zip(ci_columns(EXTRAPOLATION_RATIO), estimate[:3]))
             row[EXTRAPOLATION_RATIO_REASON] = estimate.reason
-        if all(column in group for column in VERDICT_INPUTS):
+        if all(column in group for column in (*VERDICT_INPUTS, IN_DATA_RATIO)):
             inputs = group[list(VERDICT_INPUTS)].to_numpy(dtype=np.float64)
-            complete = group[SEED][np.isfinite(inputs).all(axis=1)]
-            row[MISSING_SEEDS] = missing_seeds(expected, complete)
-            row[VERDICT] = verdict(*inputs.T, seeds=group[SEED].tolist(), expected_seeds=expected, **options)
+            row[MISSING_SEEDS] = missing_seeds(expected, group[SEED][np.isfinite(inputs).all(axis=1)])
+            row[VERDICT], row[VERDICT_REASON], row[DEGRADES] = extrapolation_verdict(group, expected, rules, **options)
         rows.append(row)
     return pd.DataFrame(rows)

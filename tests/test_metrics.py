@@ -6,12 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.metrics import (B_C, CEILING_EXCEEDANCE, COUNT, CUTOFF, DOES_NOT, ENV, ENV_STEPS, EPISODIC_RETURN,
-                              EXTRAPOLATES, EXTRAPOLATION_RATIO, EXTRAPOLATION_RATIO_REASON, FINAL_IMITATOR,
-                              FINAL_RANDOM, FINAL_SNAPSHOT, FINAL_TEACHER, FIRST_IMITATOR, GAIN_IMITATOR,
-                              GAIN_TEACHER, INCONCLUSIVE, L_C, MISSING, MISSING_SEEDS, N_SEEDS, SEED,
-                              SNAPSHOT_FIDELITY, Curve, auc, best_window_mean, bootstrap_ci, ci_columns,
-                              extrapolation_ratio, final_window_mean, first_window_mean, last_window_mean,
+from pipeline.metrics import (B_C, B_C_DEBIASED, CEILING_EXCEEDANCE, COUNT, CUTOFF, DEGRADES, DOES_NOT, ENV, ENV_STEPS,
+                              EPISODIC_RETURN, EXTRAPOLATES, EXTRAPOLATION_RATIO, EXTRAPOLATION_RATIO_REASON, FIDELITY,
+                              FINAL_IMITATOR, FINAL_RANDOM, FINAL_SNAPSHOT, FINAL_TEACHER, FIRST_IMITATOR,
+                              GAIN_IMITATOR, GAIN_TEACHER, IMITATION_FAILED, IMITATOR_DRIFT, IN_DATA_RATIO,
+                              INCONCLUSIVE, L_C, MISSING, MISSING_SEEDS, N_SEEDS, NOT_TESTABLE, SEED,
+                              SNAPSHOT_FIDELITY, VERDICT_REASON, Curve, VerdictRules, auc, best_window_mean,
+                              bootstrap_ci, ci_columns, debiased_best_window_mean, extrapolation_ratio,
+                              extrapolation_verdict, final_window_mean, first_window_mean, last_window_mean,
                               per_seed_metrics, summarise, transfer_auc_ratio, verdict, window_mean)
 
 EPISODE = 20  # env steps per synthetic episode
@@ -90,13 +92,27 @@ def test_per_seed_metrics_by_hand():
     snapshot = curve([80] * 21)
     horizon = 20 * EPISODE
     m = per_seed_metrics(history, teacher, imitator, snapshot, cutoff_step=cutoff, horizon_steps=horizon)
-    assert m[L_C] == 80 and m[B_C] == 100
+    assert m[L_C] == 80 and m[B_C] == 100 and m[B_C_DEBIASED] == 100
     assert m[FINAL_TEACHER] == 150 and m[GAIN_TEACHER] == 70
     assert m[FINAL_IMITATOR] == 90 and m[GAIN_IMITATOR] == 10 and m[CEILING_EXCEEDANCE] == -10
-    assert m[FIRST_IMITATOR] == 72 and m[SNAPSHOT_FIDELITY] == pytest.approx(0.9)
-    assert m[FINAL_SNAPSHOT] == 80 and nan(m[FINAL_RANDOM])  # no random arm given
+    assert m[FIRST_IMITATOR] == 72 and m[SNAPSHOT_FIDELITY] == pytest.approx(0.9) and m[IMITATOR_DRIFT] == 18
+    assert m[FINAL_SNAPSHOT] == 80 and nan(m[FINAL_RANDOM]) and nan(m[FIDELITY])  # no random arm given
+    assert nan(m[IN_DATA_RATIO])  # no in-data control given
+    # with a random arm at 20 and an in-data control primed at episode 10 (L_c' = 50) ending at 70
+    m = per_seed_metrics(history, teacher, imitator, snapshot, cutoff_step=cutoff, horizon_steps=horizon,
+                         random=curve([20] * 20), in_data=curve([60] * 5 + [70] * 10), prime_step=10 * EPISODE)
+    assert m[FIDELITY] == pytest.approx((72 - 20) / (80 - 20)) and m[IN_DATA_RATIO] == pytest.approx((70 - 50) / (80 - 50))
     # the same history already cut gives the same ceiling
     assert per_seed_metrics(history.upto(cutoff), teacher, imitator, snapshot)[B_C] == 100
+
+
+def test_the_debiased_best_window_is_not_lifted_by_noise():
+    flat = curve(np.random.default_rng(0).normal(100, 20, 400))  # no improvement: the best window is noise
+    assert best_window_mean(flat, None) > 115  # the max over ~390 noisy windows
+    assert debiased_best_window_mean(flat, None) == pytest.approx(100, abs=8)
+    rising = curve(np.linspace(0, 100, 200))
+    assert debiased_best_window_mean(rising, None) == pytest.approx(best_window_mean(rising, None), abs=3)
+    assert debiased_best_window_mean(curve([4, 6]), None) == 5  # fewer than W episodes: their mean
 
 
 def test_snapshot_fidelity_is_nan_when_the_teacher_returned_zero():
@@ -166,47 +182,77 @@ def test_extrapolation_ratio_reported_only_for_a_significant_teacher_gain():
 # --- verdicts -------------------------------------------------------------------------------------
 
 
-def seed_rows(imitator_final, teacher_final, pre_cutoff_best=100.0, snapshot=100.0):
-    """Per-seed metrics of 5 seeds from synthetic curves: the teacher's history peaks at
-    `pre_cutoff_best`; arms end at the given final returns."""
+def seed_rows(imitator_final, teacher_final, pre_cutoff_best=100.0, imitator_start=100.0, random=10.0, in_data=100.0):
+    """Per-seed metrics of 5 seeds from synthetic curves: the teacher's history rises to
+    `pre_cutoff_best` (L_c); the imitator starts at `imitator_start` for 10 episodes, the in-data
+    control (primed at episode 10, L_c' about 11.5) ends at `in_data` (None: not run); random at `random`."""
     rows = []
     for seed, (im, te) in enumerate(zip(imitator_final, teacher_final)):
         history = curve(np.linspace(0, pre_cutoff_best, 40).tolist() + [pre_cutoff_best] * 10)
-        m = per_seed_metrics(history, curve([snapshot] * 10 + [te] * 10), curve([snapshot] * 10 + [im] * 10),
-                             curve([snapshot] * 20))
+        m = per_seed_metrics(history, curve([pre_cutoff_best] * 10 + [te] * 10), curve([imitator_start] * 10 + [im] * 10),
+                             curve([pre_cutoff_best] * 20), random=curve([random] * 20),
+                             in_data=None if in_data is None else curve([in_data] * 10), prime_step=10 * EPISODE)
         rows.append({ENV: "Env-v0", CUTOFF: 0.25, SEED: seed, **m})
     return pd.DataFrame(rows)
 
 
-def verdict_of(frame: pd.DataFrame, **kwargs) -> str:
-    return verdict(frame[FINAL_IMITATOR], frame[FINAL_TEACHER], frame[B_C], seeds=frame[SEED], **kwargs)
+def ladder(frame: pd.DataFrame, **kwargs):
+    return extrapolation_verdict(frame, kwargs.pop("expected_seeds", frame[SEED].tolist()), n_resamples=2000, **kwargs)
 
 
 def test_an_imitator_above_its_ceiling_extrapolates():
     frame = seed_rows(imitator_final=[198, 203, 200, 197, 202], teacher_final=[250] * 5)
-    assert (frame[B_C] == 100).all()
-    assert verdict_of(frame) == EXTRAPOLATES
+    assert frame[B_C_DEBIASED].to_numpy() == pytest.approx([100] * 5, abs=3)
+    assert ladder(frame).said == EXTRAPOLATES
 
 
 def test_an_imitator_stuck_at_the_snapshot_while_the_teacher_rises_does_not():
     frame = seed_rows(imitator_final=[99, 101, 100, 98, 102], teacher_final=[195, 205, 200, 210, 190])
-    assert verdict_of(frame) == DOES_NOT
+    found = ladder(frame)
+    assert found.said == DOES_NOT and "below 0.25" in found.reason and not found.degrades
 
 
-def test_noisy_overlapping_seeds_are_inconclusive():
-    frame = seed_rows(imitator_final=[60, 130, 160, 80, 110], teacher_final=[40, 160, 150, 105, 95])
-    assert verdict_of(frame) == INCONCLUSIVE
+def test_without_the_in_data_control_a_null_is_not_drawn():
+    frame = seed_rows(imitator_final=[99, 101, 100, 98, 102], teacher_final=[195, 205, 200, 210, 190], in_data=None)
+    found = ladder(frame)
+    assert found.said == INCONCLUSIVE and "no in-data control" in found.reason
+
+
+def test_a_teacher_that_does_not_improve_makes_the_test_not_testable():
+    frame = seed_rows(imitator_final=[99, 101, 100, 98, 102], teacher_final=[60, 140, 110, 90, 105])
+    found = ladder(frame)
+    assert found.said == NOT_TESTABLE and "not above 0" in found.reason
+
+
+@pytest.mark.parametrize("change, reason", [({"imitator_start": 30.0}, "fidelity 0.22 < 0.5"),
+                                             ({"in_data": 20.0}, "in-data ratio 0.10 < 0.5")])
+def test_an_imitator_that_does_not_reproduce_its_data_failed_imitation(change, reason):
+    frame = seed_rows(imitator_final=[99, 101, 100, 98, 102], teacher_final=[195, 205, 200, 210, 190], **change)
+    found = ladder(frame)
+    assert found.said == IMITATION_FAILED and found.reason == reason
+    assert ladder(frame, rules=VerdictRules(fidelity=0.1, in_data=0.05)).said == DOES_NOT  # the thresholds decide
+
+
+def test_noisy_overlapping_seeds_are_inconclusive_and_say_what_they_leave_open():
+    frame = seed_rows(imitator_final=[60, 170, 120, 80, 140], teacher_final=[190, 210, 200, 205, 195])
+    found = ladder(frame)
+    assert found.said == INCONCLUSIVE and "are not ruled out at n = 5" in found.reason
+
+
+def test_an_imitator_ending_below_its_start_degrades():
+    frame = seed_rows(imitator_final=[49, 51, 50, 48, 52], teacher_final=[195, 205, 200, 210, 190])
+    assert ladder(frame) == (DOES_NOT, ladder(frame).reason, True)
 
 
 def test_a_missing_seed_is_reported_not_averaged_away():
     frame = seed_rows(imitator_final=[198, 203, 200, 197, 202], teacher_final=[250] * 5)
     frame.loc[frame[SEED] == 3, FINAL_IMITATOR] = np.nan  # that seed's imitator trial failed
-    assert verdict_of(frame) == f"{MISSING}: seeds [3]"
+    assert ladder(frame).said == f"{MISSING}: seeds [3]"
     # a seed with no row at all, caught through the expected seeds
     four = frame[frame[SEED] != 3]
-    assert verdict_of(four) == EXTRAPOLATES  # the four present seeds alone would pass
-    assert verdict_of(four, expected_seeds=SEEDS) == f"{MISSING}: seeds [3]"
-    assert verdict([], [], []) == f"{MISSING}: no seeds"
+    assert ladder(four).said == EXTRAPOLATES  # the four present seeds alone would pass
+    assert ladder(four, expected_seeds=SEEDS).said == f"{MISSING}: seeds [3]"
+    assert verdict([], [], []) == f"{MISSING}: no seeds"  # the transfer tests' rule
 
 
 # --- summary --------------------------------------------------------------------------------------
@@ -225,6 +271,7 @@ def test_summarise_one_row_per_env_and_cutoff_with_cis_verdicts_and_missing_seed
     by_key = table.set_index([ENV, CUTOFF])
     row = by_key.loc[("Env-v0", 0.25)]
     assert row["verdict"] == EXTRAPOLATES and row[N_SEEDS] == 5 and row[MISSING_SEEDS] == []
+    assert "above 0" in row[VERDICT_REASON] and not row[DEGRADES]
     estimate, low, high = (row[c] for c in ci_columns(GAIN_IMITATOR))
     assert estimate == pytest.approx(up[GAIN_IMITATOR].mean()) and low <= estimate <= high
     assert row[GAIN_IMITATOR + COUNT] == 5

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from pipeline.metrics import (B_C, CEILING_EXCEEDANCE, COUNT, CUTOFF, DOES_NOT, ENV, ENV_STEPS, EPISODIC_RETURN,
+from pipeline.metrics import (B_C, CEILING_EXCEEDANCE, COUNT, CUTOFF, DOES_NOT, ENV, ENV_STEPS, EPISODIC_RETURN, IN_DATA_RATIO,
                               EXTRAPOLATES, FINAL_IMITATOR, FINAL_TEACHER, FIRST_IMITATOR, L_C, MISSING_SEEDS, N_SEEDS,
                               PER_SEED_METRICS, SEED, TRANSFER_AUC_RATIO, TRIAL_FINISHED, UNIT, VERDICT, Curve,
                               missing_status, per_seed_metrics, transfer_auc_ratio)
@@ -67,11 +67,11 @@ class World:
         return self.rng.normal(0.0, 3.0 if env == CARTPOLE[0] else 0.2, n)
 
     def trial(self, test, env, group, cutoff, seed, arm, returns, status="ok", size="", context="", context_steps=0,
-              task_id="default"):
+              task_id="default", horizon=HORIZON, prime_step=None):
         trial_id = f"{test}/{env}/{cutoff}/{arm}/{context_steps}/{seed}"
         self.trials.append(dict(trial_id=trial_id, test=test, env=env, group=group, cutoff=cutoff, seed=seed,
                                 task_id=task_id, arm=arm, context=context, context_steps=context_steps, size=size,
-                                horizon=HORIZON, status=status))
+                                horizon=horizon, status=status, prime_step=prime_step))
         self.episodes += [dict(trial_id=trial_id, env_steps=step, episodic_return=r)
                           for step, r in zip(ends(len(returns)), returns)]
 
@@ -97,6 +97,15 @@ class World:
                 returns = returns if status == "ok" else returns[:5]  # a failed trial's few episodes must not count
                 self.trial("extrapolation", env, group, cutoff, seed, "imitator", returns, status=status, size="small",
                            context="primed", context_steps=context_steps)
+                self.in_data(env, group, cutoff, seed, context_steps)
+
+    def in_data(self, env, group, cutoff, seed, context_steps):
+        """The in-data control: primed at c' = c / 4, it climbs as the teacher did from L_c' to L_c."""
+        prime, cut = round(cutoff * BUDGET / 4), round(cutoff * BUDGET)
+        t = ends((cut - prime) // EPISODE)
+        start, end = seen_level(env, seed, prime / BUDGET), seen_level(env, seed, cutoff)
+        self.trial("extrapolation", env, group, cutoff, seed, "in_data", start + (end - start) * t / t[-1] + self.noise(env, len(t)),
+                   size="small", context="primed", context_steps=context_steps, horizon=cut - prime, prime_step=prime)
 
     def control(self, env, group):
         """Held-out goals: the imitator climbs 1 -> 9 in context, the scratch teacher 0 -> 4."""
@@ -169,7 +178,9 @@ def episodes_curve(episodes: pd.DataFrame, trial_id: str) -> Curve:
 def test_report_md_has_the_expected_verdict_per_env(report):
     markdown = read(report.path_md)
     rows = table_after(markdown, "Extrapolation test")
-    verdicts = {(r["env"], r["cutoff"], r["variant"]): r["verdict"].strip("*") for r in rows}
+    verdicts = {(r["env"], r["cutoff"], r["variant"]): r["verdict"].split("**")[1] for r in rows}
+    reasons = {(r["env"], r["cutoff"]): r["verdict"] for r in rows if r["variant"] == "small, 400 steps primed"}
+    assert "is below 0.25; fidelity" in reasons[("CartPole-v1", "0.5")] and "**degrades**" in reasons[("CartPole-v1", "0.5")]
     assert verdicts == {
         ("CartPole-v1", "0.25", "small, 200 steps primed"): missing_status([2]),
         ("CartPole-v1", "0.5", "small, 200 steps primed"): DOES_NOT,
@@ -196,8 +207,9 @@ def test_failed_trial_is_missing_not_averaged_over_fewer_seeds(report):
 
 def test_summary_paragraph_mentions_every_env_and_verdict(report):
     paragraph = report.paragraph
-    assert "CartPole-v1 (cartpole-dqn) cutoff 0.5, 2 imitator variants (does not extrapolate: 2)" in paragraph
-    assert "DarkRoom-v0 (darkroom-q) cutoff 0.5: extrapolates (imitator final" in paragraph
+    assert "CartPole-v1 (cartpole-dqn) cutoff 0.5, 2 imitator variants: small, 200 steps primed: does not extrapolate (" in paragraph
+    assert "; small, 400 steps primed: does not extrapolate (extrapolation ratio" in paragraph  # each variant its own
+    assert "DarkRoom-v0 (darkroom-q) cutoff 0.5: extrapolates (imitator final - de-biased B_c" in paragraph
     assert "Positive control on DarkRoom-v0 held-out tasks (darkroom-q): learns in context" in paragraph
     assert "\n" not in paragraph and paragraph in read(report.path_md)
 
@@ -216,10 +228,11 @@ def test_metrics_parquet_round_trips_and_matches_metrics_functions(report, world
     assert row[CUTOFF_STEP] == 1000
     teacher_rows = histories[(histories.env == "CartPole-v1") & (histories.seed == 3)]
     history = Curve(teacher_rows.end_step.to_numpy(), teacher_rows.episodic_return.to_numpy())
-    arm = {a: episodes_curve(episodes, f"extrapolation/CartPole-v1/0.5/{a}/{400 if a == 'imitator' else 0}/3")
-           for a in ("teacher", "imitator", "snapshot", "random")}
+    arm = {a: episodes_curve(episodes, f"extrapolation/CartPole-v1/0.5/{a}/{400 if a in ('imitator', 'in_data') else 0}/3")
+           for a in ("teacher", "imitator", "snapshot", "random", "in_data")}
     expected = per_seed_metrics(history, arm["teacher"], arm["imitator"], arm["snapshot"], cutoff_step=1000,
-                                horizon_steps=HORIZON, random=arm["random"])
+                                horizon_steps=HORIZON, random=arm["random"], in_data=arm["in_data"], prime_step=250)
+    assert 0.8 < row[IN_DATA_RATIO] < 1  # it climbed as the teacher did from c' to c
     for metric, value in expected.items():
         assert row[metric] == pytest.approx(value), metric
 

@@ -25,22 +25,24 @@ trials     one row per EXPECTED trial, whether it ran or not:
              trial_id (str), test ("extrapolation" | "transfer" | "control"), env (env id), group
              (teacher / imitator group), cutoff (fraction of the teacher budget; 1.0 for the control),
              seed (int, the bootstrap unit: teacher seed or held-out task index), task_id (str),
-             arm (a name in pipeline.arms.ARMS: "imitator" | "teacher" | "snapshot" | "random"; in
-             transfer and control "teacher" is a teacher learning the held-out task from scratch),
-             context ("primed" | "empty"; "" for other arms), context_steps (int; 0 for other arms),
-             size (the model size's name; "" for other arms), horizon (int, H env steps the arm runs),
-             status ("ok" | "failed" | "missing").
+             arm (a name in pipeline.arms.ARMS: "imitator" | "teacher" | "snapshot" | "random" |
+             "in_data"; in transfer and control "teacher" is a teacher learning the held-out task
+             from scratch), context ("primed" | "empty"; "" for arms without an imitator),
+             context_steps (int; 0 for those), size (the model size's name; "" for those), horizon
+             (int, H env steps the arm runs), status ("ok" | "failed" | "missing").
              Optional: cutoff_step (int, the teacher's global step at the cutoff as collect saved
              its checkpoint, see plan.cutoff_steps); without it, cutoff step = round(cutoff * budget).
+             prime_step (int, c' of an in_data trial: where its context ends and its steps start).
 episodes   one row per finished episode of a trial: trial_id, env_steps (steps the arm had taken
-             when the episode ended, 0 = the cutoff), episodic_return.
+             when the episode ended, 0 = the cutoff, or c' for the in-data control), episodic_return.
 histories  the teachers' recorded learning curves, one row per finished episode: group, env, seed,
              task_id, end_step (the teacher's global step when the episode ended), episodic_return,
              budget (the teacher's budget in env steps; one value per teacher).
 
 Arms are compared within one (test, env, group, cutoff, seed); an imitator variant is one
 (size, context, context_steps). Every arm of a seed is cut at the smallest horizon among that
-seed's trials, so arms are compared over the same H steps. A trial that failed, is missing, or
+seed's trials, so arms are compared over the same H steps (the in-data control keeps its own,
+from c' to the cutoff). A trial that failed, is missing, or
 finished no episode has no curve: its metrics are NaN, `metrics.summarise` turns that into the
 verdict "missing: seeds [...]", and the table says which trial it was ("imitator failed: seeds [2]").
 
@@ -51,16 +53,16 @@ metrics.parquet   one row per (test, env, group, cutoff, variant, seed): the per
                   `trial_<arm>`, the cutoff step and horizon.
 summary.parquet   one row per (test, env, group, cutoff, variant): each metric's bootstrap
                   estimate, `_low`, `_high`, `_n`; the extrapolation ratio and its reason; verdict,
-                  missing seeds and missing trials.
+                  its reason and the degrades flag, missing seeds and missing trials.
 report.md         verdict paragraph, one verdict table per test, the positive control, the figures.
 *.png             curves_*: the extrapolation test per (env, group, cutoff); transfer_* and
                   control_*: arms on held-out tasks; context_*: ratio and ceiling exceedance
                   against context length, one line per model size (only when several exist).
                   How to read them: pipeline/report/figures.py.
 
-Verdicts (extrapolation): "extrapolates" when the CI of imitator final - B_c is above 0; "does
-not" when not and the CI of imitator final - continued-teacher final is below 0; else
-"inconclusive". Transfer and control use `metrics.verdict` with the imitator's own first-W
+Verdicts (extrapolation): the ladder of `metrics.extrapolation_verdict` (docs/design.md, "Verdict
+rules"): missing, not testable here, imitation failed, extrapolates, does not, inconclusive, with
+the preset's thresholds (evaluate.verdict). Transfer and control use `metrics.verdict` with the imitator's own first-W
 return as the bar: "learns in context" when its final return is significantly above where it
 started, "does not" when not and it ends significantly below the teacher learning from scratch.
 """

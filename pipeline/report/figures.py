@@ -17,8 +17,10 @@ the data. In curves_*, the teacher's recorded history is solid up to the cutoff 
 trained on) and dashed after it (the unseen future), drawn thinner and above the arms so that it stays
 visible where the continued teacher (green) retraces it; the arms start at the cutoff's vertical
 line. An imitator that merely copies its snapshot runs flat near the orange snapshot line and under
-the dotted pre-cutoff best B_c, while the continued teacher climbs along the dashed history; an
-imitator that extrapolates climbs above the dotted line.
+the dotted pre-cutoff best B_c (de-biased, as the verdict uses it), while the continued teacher climbs
+along the dashed history; an imitator that extrapolates climbs above the dotted line. The in-data
+control (dotted, in its imitator's colour) runs from c' to the cutoff: an imitator that reproduces
+its data climbs there as the solid history did.
 """
 
 from __future__ import annotations
@@ -26,17 +28,17 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from pipeline.arms import ARMS, CONTROL, EXTRAPOLATION, IMITATOR, IMITATOR_COLORS, TESTS, arm_label
-from pipeline.metrics import (B_C, BOOTSTRAP_SEED, CEILING_EXCEEDANCE, CONFIDENCE, COUNT, CUTOFF, ENV,
+from pipeline.arms import ARMS, CONTROL, EXTRAPOLATION, IMITATOR, IMITATOR_COLORS, IN_DATA, TESTS, arm_label
+from pipeline.metrics import (B_C_DEBIASED, BOOTSTRAP_SEED, CEILING_EXCEEDANCE, CONFIDENCE, COUNT, CUTOFF, ENV,
                               EXTRAPOLATION_RATIO, EXTRAPOLATION_RATIO_REASON, SEED, Curve, ci_columns)
 from pipeline.report.tables import (COMPARISON, CONTEXT, CONTEXT_STEPS, CUTOFF_STEP, GROUP, HORIZON_STEPS, NAN,
-                                    SIZE, STATUS_OF, TASK_ID, TEST, TRIAL_OF, VARIANT, RecordedCurve)
+                                    PRIME_STEP, SIZE, STATUS_OF, TASK_ID, TEST, TRIAL_OF, VARIANT, RecordedCurve)
 
 FIGSIZE, DPI, GRID_POINTS = (11.5, 5), 120, 300  # wide enough for the legend right of the axes
 BAND_RESAMPLES = 2000  # bootstrap resamples of the bands drawn in figures (the table uses n_resamples)
@@ -109,27 +111,41 @@ def errorbars(ax, x, rows: pd.DataFrame, metric: str, *, color: str, label: str)
     ax.errorbar(x, estimate, yerr=errors, marker="o", capsize=3, color=color, label=label)
 
 
-def arm_series(rows: pd.DataFrame, scratch: bool) -> list[tuple[str, str, list[str | None]]]:
-    """(label, colour, one trial id per seed) of every arm to draw: imitator variants, then the other arms."""
+class Series(NamedTuple):
+    label: str
+    color: str
+    trial_ids: list[str | None]  # one per seed
+    arm: str
+    linestyle: str = "-"
+
+
+def arm_series(rows: pd.DataFrame, scratch: bool) -> list[Series]:
+    """Every arm to draw: each imitator variant (with its in-data control, dotted, where it ran),
+    then the other arms."""
     series = []
     for i, (label, variant) in enumerate(rows.groupby(VARIANT, sort=False)):
         color = IMITATOR_COLORS[i % len(IMITATOR_COLORS)]
-        series.append((f"imitator {label}", color, variant[TRIAL_OF + IMITATOR].tolist()))
+        series.append(Series(f"imitator {label}", color, variant[TRIAL_OF + IMITATOR].tolist(), IMITATOR))
+        if variant[STATUS_OF + IN_DATA].ne("").any():
+            series.append(Series(f"{ARMS[IN_DATA].label}, {label}", color, variant[TRIAL_OF + IN_DATA].tolist(), IN_DATA, ":"))
     one_variant = rows[rows[VARIANT] == rows[VARIANT].iloc[0]]
     for arm in ARMS:
-        if arm != IMITATOR and one_variant[STATUS_OF + arm].ne("").any():
-            series.append((arm_label(arm, scratch), ARMS[arm].color, one_variant[TRIAL_OF + arm].tolist()))
+        if arm not in (IMITATOR, IN_DATA) and one_variant[STATUS_OF + arm].ne("").any():
+            series.append(Series(arm_label(arm, scratch), ARMS[arm].color, one_variant[TRIAL_OF + arm].tolist(), arm))
     return series
 
 
-def draw_arms(ax, rows: pd.DataFrame, curves: dict[str, Curve], x0: float, window: int, scratch: bool) -> None:
-    """Each arm from x0 on: mean over the seeds that have a curve, with a bootstrap band; '(n=K)'."""
+def draw_arms(ax, rows: pd.DataFrame, curves: dict[str, Curve], x0: float, window: int, scratch: bool,
+              in_data_span: tuple[float, float] | None = None) -> None:
+    """Each arm from x0 on (the in-data control over in_data_span, its start and length): mean over
+    the seeds that have a curve, with a bootstrap band; '(n=K)'."""
     grid = np.linspace(0, int(rows[HORIZON_STEPS].max()), GRID_POINTS)
-    for label, color, trial_ids in arm_series(rows, scratch):
-        found = [curves.get(t) for t in trial_ids if t is not None and t in curves]
+    for arm in arm_series(rows, scratch):
+        found = [curves.get(t) for t in arm.trial_ids if t is not None and t in curves]
+        start, span = in_data_span if arm.arm == IN_DATA and in_data_span else (x0, grid)
         if found:
-            values = np.stack([on_grid(c, grid, window) for c in found])
-            draw_band(ax, x0 + grid, values, with_n(label, len(found), len(trial_ids)), color)
+            values = np.stack([on_grid(c, span, window) for c in found])
+            draw_band(ax, start + span, values, with_n(arm.label, len(found), len(arm.trial_ids)), arm.color, arm.linestyle)
 
 
 def finish(fig: Figure, ax, title: str, xlabel: str, window: int, path: str) -> str:
@@ -164,11 +180,13 @@ def learning_curve_figure(rows: pd.DataFrame, curves: dict[str, Curve], historie
                                                            n, expected), HISTORY_COLOR, line=HISTORY_LINE)
         draw_band(ax, grid[unseen], values[:, unseen], with_n("teacher history after cutoff (unseen future)", n, expected),
                   HISTORY_COLOR, "--", line=HISTORY_LINE)
-        if seeds[B_C].notna().any():
-            ax.axhline(seeds[B_C].mean(), color="black", linestyle=":", linewidth=1.2,
-                       label=with_n("pre-cutoff best B_c (mean over seeds)", int(seeds[B_C].notna().sum())))
+        if seeds[B_C_DEBIASED].notna().any():
+            ax.axhline(seeds[B_C_DEBIASED].mean(), color="black", linestyle=":", linewidth=1.2,
+                       label=with_n("pre-cutoff best B_c, de-biased (mean over seeds)", int(seeds[B_C_DEBIASED].notna().sum())))
     ax.axvline(cut, color="black", linewidth=1.0, label=f"cutoff {first[CUTOFF]:g} (step {cut:.0f})")
-    draw_arms(ax, rows, curves, cut, window, scratch=False)
+    prime = float(np.nanmedian(rows[PRIME_STEP].astype(float))) if rows[PRIME_STEP].notna().any() else None
+    draw_arms(ax, rows, curves, cut, window, scratch=False,
+              in_data_span=(prime, np.linspace(0, cut - prime, GRID_POINTS)) if prime is not None else None)
     title = f"{first[ENV]} ({first[GROUP]}): extrapolation past cutoff {first[CUTOFF]:g}"
     return finish(fig, ax, title, "teacher env steps (arms: cutoff step + their own env steps)", window, path)
 

@@ -22,10 +22,10 @@ from pipeline.arms import EXTRAPOLATION, IMITATOR, TESTS
 from pipeline.compare import across_reruns
 from pipeline.history import TeacherHistory
 from pipeline.metrics import (CUTOFF, ENV, ENV_STEPS, EPISODIC_RETURN, N_RESAMPLES, SEED, TRIAL_FINISHED, UNIT, WINDOW,
-                              Curve)
+                              Curve, VerdictRules)
 from pipeline.plan import TrialSpec, imitator_specs, trial_batches, trial_specs
 from pipeline.report.figures import draw_figures
-from pipeline.report.tables import (ARM, BUDGET, CONTEXT, CONTEXT_STEPS, CUTOFF_STEP, END_STEP, EPISODE_COLUMNS,
+from pipeline.report.tables import (ARM, BUDGET, CONTEXT, CONTEXT_STEPS, CUTOFF_STEP, END_STEP, EPISODE_COLUMNS, PRIME_STEP,
                                     EPISODE_STEPS, FAILED, GROUP, HISTORY_COLUMNS, HORIZON, METRICS_FILE, MISSING,
                                     OK, REPORT_FILE, RETURN, SIZE, STATUS, SUMMARY_FILE, TASK_ID, TEST, TRIAL_ID,
                                     ReportError, history_curves, normalise_trials, per_seed_frame, summary_frame,
@@ -44,7 +44,7 @@ class ReportSummary:
 
 
 def build_report(trials: pd.DataFrame, episodes: pd.DataFrame, histories: pd.DataFrame, out_dir: str, *,
-                 window: int = WINDOW, n_resamples: int = N_RESAMPLES) -> ReportSummary:
+                 window: int = WINDOW, n_resamples: int = N_RESAMPLES, rules: VerdictRules | None = None) -> ReportSummary:
     """Metrics, summary with bootstrap CIs and verdicts, figures and report.md in `out_dir` (the column
     contract and the outputs: pipeline/report/__init__.py). Malformed frames raise ReportError."""
     trials = normalise_trials(trials)
@@ -52,14 +52,15 @@ def build_report(trials: pd.DataFrame, episodes: pd.DataFrame, histories: pd.Dat
         raise ReportError("report: no imitator trials to report on (trials.arm has no 'imitator')")
     curves, teacher_histories = trial_curves(trials, episodes), history_curves(histories)
     per_seed = per_seed_frame(trials, curves, teacher_histories, window)
-    summary = summary_frame(per_seed, n_resamples)
+    rules = rules or VerdictRules()
+    summary = summary_frame(per_seed, n_resamples, rules)
     os.makedirs(out_dir, exist_ok=True)
     path_metrics, path_summary = os.path.join(out_dir, METRICS_FILE), os.path.join(out_dir, SUMMARY_FILE)
     per_seed.to_parquet(path_metrics, index=False)
     summary.to_parquet(path_summary, index=False)
     figures = draw_figures(per_seed, summary, curves, teacher_histories, window, out_dir)
     paragraph = summary_paragraph(summary)
-    path_md = write_markdown(os.path.join(out_dir, REPORT_FILE), trials, summary, figures, paragraph, window)
+    path_md = write_markdown(os.path.join(out_dir, REPORT_FILE), trials, summary, figures, paragraph, window, rules)
     return ReportSummary(path_md, [p for test in TESTS for p in figures[test]], paragraph, summary,
                          path_metrics, path_summary)
 
@@ -127,7 +128,8 @@ def gather(preset, store, experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, 
         variant = variants.get(trial.imitator)
         trials.append({
             TRIAL_ID: trial.trial_id, TEST: trial.test, ENV: trial.env_id, GROUP: trial.group,
-            CUTOFF: trial.cutoff, CUTOFF_STEP: trial.cutoff_step, SEED: trial.seed, TASK_ID: trial.task_id,
+            CUTOFF: trial.cutoff, CUTOFF_STEP: trial.cutoff_step, PRIME_STEP: trial.prime_step,
+            SEED: trial.seed, TASK_ID: trial.task_id,
             ARM: trial.arm, CONTEXT: trial.context,
             CONTEXT_STEPS: variant.model_args["context_steps"] if variant else 0,
             SIZE: variant.size if variant else "",
@@ -163,7 +165,8 @@ def report(preset, store, experiment: str, log=print) -> ReportSummary | None:
         log("report: the preset lists no evaluation tests (evaluate.imitators): nothing to report")
         return None
     with tempfile.TemporaryDirectory() as local:
-        summary = build_report(trials, episodes, histories, local, window=preset.evaluate.window)
+        summary = build_report(trials, episodes, histories, local, window=preset.evaluate.window,
+                               rules=preset.evaluate.verdict)
         reruns = across_reruns(store, preset, experiment, summary.table, local)
         store.upload_dir(local, layout.report_dir(experiment))
     where = store.url(f"{layout.report_dir(experiment)}/{REPORT_FILE}")

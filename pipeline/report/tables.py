@@ -10,13 +10,14 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from pipeline.arms import ARMS, EXTRAPOLATION, IMITATOR, RANDOM, SNAPSHOT, TEACHER, TESTS
+from pipeline.arms import ARMS, EXTRAPOLATION, IMITATOR, IN_DATA, RANDOM, SNAPSHOT, TEACHER, TESTS
 from pipeline.errors import PipelineError
-from pipeline.metrics import (COUNT, CUTOFF, ENV, ENV_STEPS, EPISODIC_RETURN, EXTRAPOLATES, EXTRAPOLATION_RATIO,
+from pipeline.metrics import (COUNT, CUTOFF, DEGRADES, ENV, ENV_STEPS, EPISODIC_RETURN, EXTRAPOLATES, EXTRAPOLATION_RATIO,
                               EXTRAPOLATION_RATIO_REASON, FINAL_IMITATOR, FINAL_RANDOM, FINAL_TEACHER,
                               FIRST_IMITATOR, GAIN_IMITATOR, GAIN_TEACHER, MISSING, MISSING_SEEDS, N_SEEDS,
-                              PER_SEED_METRICS, SEED, TRANSFER_AUC_RATIO, VERDICT, Curve, bootstrap_ci, ci_columns, missing_seeds,
-                              per_seed_metrics, summarise, transfer_auc_ratio, verdict)
+                              PER_SEED_METRICS, SEED, TRANSFER_AUC_RATIO, VERDICT, VERDICT_REASON, Curve, VerdictRules,
+                              bootstrap_ci, ci_columns, missing_seeds, per_seed_metrics, summarise, transfer_auc_ratio,
+                              verdict)
 
 HISTORY = "history"  # the teacher's recorded history, a required input of the extrapolation test
 OK, FAILED, NO_EPISODES = "ok", "failed", "no episodes"
@@ -27,6 +28,8 @@ LEARNS_IN_CONTEXT = "learns in context"  # transfer / control verdict replacing 
 TRIAL_ID, TEST, GROUP, TASK_ID, ARM = "trial_id", "test", "group", "task_id", "arm"
 SIZE, CONTEXT, CONTEXT_STEPS, HORIZON, STATUS = "size", "context", "context_steps", "horizon", "status"
 CUTOFF_STEP = "cutoff_step"  # optional in trials; always in metrics.parquet
+PRIME_STEP = "prime_step"  # optional in trials: where the in-data control's context ends (c')
+IMITATOR_ARMS = (IMITATOR, IN_DATA)  # the arms that run an imitator variant
 EPISODE_STEPS, RETURN, END_STEP, BUDGET = "env_steps", "episodic_return", "end_step", "budget"
 TRIAL_COLUMNS = (TRIAL_ID, TEST, ENV, GROUP, CUTOFF, SEED, TASK_ID, ARM, CONTEXT, CONTEXT_STEPS, SIZE, HORIZON, STATUS)
 EPISODE_COLUMNS = (TRIAL_ID, EPISODE_STEPS, RETURN)
@@ -90,7 +93,7 @@ def normalise_trials(trials: pd.DataFrame) -> pd.DataFrame:
     for column in (TRIAL_ID, TEST, ENV, GROUP, TASK_ID, ARM, STATUS):
         trials[column] = trials[column].astype(str)
     for column, empty in ((SIZE, ""), (CONTEXT, ""), (CONTEXT_STEPS, 0)):
-        trials[column] = trials[column].where(trials[ARM] == IMITATOR, empty).fillna(empty)
+        trials[column] = trials[column].where(trials[ARM].isin(IMITATOR_ARMS), empty).fillna(empty)
     trials[[SIZE, CONTEXT]] = trials[[SIZE, CONTEXT]].astype(str)
     for column, kind, what in ((CONTEXT_STEPS, int, "an integer"), (SEED, int, "an integer"),
                                (HORIZON, int, "an integer"), (CUTOFF, float, "a number")):
@@ -160,23 +163,28 @@ def seed_metrics(keys: dict, seed: int, task: str, horizon: int, trials: dict[st
                                   random=arm.get(RANDOM), window=window)
         both = arm[IMITATOR] is not None and arm[TEACHER] is not None
         auc_ratio = transfer_auc_ratio(arm[IMITATOR], arm[TEACHER], horizon) if both else NAN
-        return {**values, TRANSFER_AUC_RATIO: auc_ratio, CUTOFF_STEP: None, STATUS_OF + HISTORY: ""}
+        return {**values, TRANSFER_AUC_RATIO: auc_ratio, CUTOFF_STEP: None, PRIME_STEP: None, STATUS_OF + HISTORY: ""}
     history = histories.get((keys[GROUP], keys[ENV], seed, task))
     cutoff_step = cutoff_step_of([t for t in trials.values() if t is not None], history, keys[CUTOFF])
+    in_data = trials.get(IN_DATA)
+    prime_step = int(in_data[PRIME_STEP]) if in_data is not None and pd.notna(in_data.get(PRIME_STEP)) else None
     values = per_seed_metrics(history.curve if history else EMPTY, arm[TEACHER], arm[IMITATOR], arm.get(SNAPSHOT),
-                              cutoff_step=cutoff_step, horizon_steps=horizon, random=arm.get(RANDOM), window=window)
+                              cutoff_step=cutoff_step, horizon_steps=horizon, random=arm.get(RANDOM),
+                              in_data=arm.get(IN_DATA), prime_step=prime_step, window=window)
     history_status = OK if history else MISSING
-    return {**values, TRANSFER_AUC_RATIO: NAN, CUTOFF_STEP: cutoff_step, STATUS_OF + HISTORY: history_status}
+    return {**values, TRANSFER_AUC_RATIO: NAN, CUTOFF_STEP: cutoff_step, PRIME_STEP: prime_step,
+            STATUS_OF + HISTORY: history_status}
 
 
 def seed_row(keys: dict, variant: dict, seed: int, at_seed: pd.DataFrame, arms: tuple[str, ...],
              curves: dict[str, Curve], histories: dict[tuple, RecordedCurve], window: int) -> dict[str, Any]:
     """One row of metrics.parquet: the trials of one variant and seed (and the arms it is compared with)."""
-    is_variant = np.logical_and.reduce([at_seed[k] == v for k, v in variant.items()]) | (at_seed[ARM] != IMITATOR)
+    is_variant = np.logical_and.reduce([at_seed[k] == v for k, v in variant.items()]) | ~at_seed[ARM].isin(IMITATOR_ARMS)
     trials = {arm: _one(at_seed[is_variant & (at_seed[ARM] == arm)]) for arm in arms}
     present = [t for t in trials.values() if t is not None] or [at_seed.iloc[0]]
     task = (trials[IMITATOR] if trials[IMITATOR] is not None else present[0])[TASK_ID]
-    horizon = int(min(t[HORIZON] for t in present))
+    timed = [t for name, t in trials.items() if t is not None and name != IN_DATA] or present  # in-data: its own horizon
+    horizon = int(min(t[HORIZON] for t in timed))
     row = {**keys, **variant, VARIANT: variant_label(variant), SEED: int(seed), TASK_ID: task, HORIZON_STEPS: horizon}
     for arm in ARMS:
         row[STATUS_OF + arm] = arm_status(trials[arm], curves) if arm in trials else ""
@@ -208,7 +216,7 @@ def per_seed_frame(trials: pd.DataFrame, curves: dict[str, Curve], histories: di
                 for seed, at_seed in comparison.groupby(SEED, sort=True):
                     rows.append(seed_row(keys, variant, seed, at_seed, arms, curves, histories, window))
     frame = pd.DataFrame(rows)
-    frame[CUTOFF_STEP] = frame[CUTOFF_STEP].astype("Int64")
+    frame[[CUTOFF_STEP, PRIME_STEP]] = frame[[CUTOFF_STEP, PRIME_STEP]].astype("Int64")
     return frame
 
 
@@ -233,12 +241,12 @@ def transfer_verdict(group: pd.DataFrame, seeds: list[int], n_resamples: int) ->
     return missing_seeds(seeds, complete), LEARNS_IN_CONTEXT if said == EXTRAPOLATES else said
 
 
-def summarise_group(group: pd.DataFrame, n_resamples: int) -> dict[str, Any]:
+def summarise_group(group: pd.DataFrame, n_resamples: int, rules: VerdictRules) -> dict[str, Any]:
     """One summary row: metrics.summarise over the group's seeds, with its own expected seeds."""
     test, seeds = group[TEST].iloc[0], sorted(group[SEED].tolist())
     metrics = EXTRAPOLATION_METRICS if test == EXTRAPOLATION else TRANSFER_METRICS
     row = summarise(group[[*GROUP_KEYS, SEED, *metrics]], by=GROUP_KEYS, expected_seeds=seeds,
-                    n_resamples=n_resamples).iloc[0].to_dict()
+                    n_resamples=n_resamples, rules=rules).iloc[0].to_dict()
     row[VARIANT] = group[VARIANT].iloc[0]
     row.update(zip(ci_columns(IN_CONTEXT_GAIN), bootstrap_ci(group[IN_CONTEXT_GAIN], n_resamples=n_resamples)))
     row[IN_CONTEXT_GAIN + COUNT] = int(np.isfinite(group[IN_CONTEXT_GAIN].to_numpy(dtype=np.float64)).sum())
@@ -247,6 +255,7 @@ def summarise_group(group: pd.DataFrame, n_resamples: int) -> dict[str, Any]:
         row[EXTRAPOLATION_RATIO + COUNT] = int(np.isfinite(gains).all(axis=1).sum())  # seeds the ratio pairs
     else:
         row[MISSING_SEEDS], row[VERDICT] = transfer_verdict(group, seeds, n_resamples)
+        row[VERDICT_REASON], row[DEGRADES] = "", False
         row[EXTRAPOLATION_RATIO_REASON] = f"not part of the {test} test"
     row[MISSING_TRIALS] = missing_trials(group)
     return row
@@ -254,13 +263,13 @@ def summarise_group(group: pd.DataFrame, n_resamples: int) -> dict[str, Any]:
 
 def summary_columns() -> list[str]:
     metrics = [c for m in (*PER_SEED_METRICS, IN_CONTEXT_GAIN) for c in (*ci_columns(m), m + COUNT)]
-    return [*GROUP_KEYS, VARIANT, N_SEEDS, MISSING_SEEDS, VERDICT, MISSING_TRIALS, *metrics,
+    return [*GROUP_KEYS, VARIANT, N_SEEDS, MISSING_SEEDS, VERDICT, VERDICT_REASON, DEGRADES, MISSING_TRIALS, *metrics,
             *ci_columns(EXTRAPOLATION_RATIO), EXTRAPOLATION_RATIO + COUNT, EXTRAPOLATION_RATIO_REASON]
 
 
-def summary_frame(per_seed: pd.DataFrame, n_resamples: int) -> pd.DataFrame:
+def summary_frame(per_seed: pd.DataFrame, n_resamples: int, rules: VerdictRules = VerdictRules()) -> pd.DataFrame:
     """summary.parquet: one row per (test, env, group, cutoff, variant), tests in TESTS order."""
-    rows = [summarise_group(group, n_resamples) for _, group in per_seed.groupby(list(GROUP_KEYS), sort=False)]
+    rows = [summarise_group(group, n_resamples, rules) for _, group in per_seed.groupby(list(GROUP_KEYS), sort=False)]
     frame = pd.DataFrame(rows).reindex(columns=summary_columns())
     counts = [c for c in frame.columns if c.endswith(COUNT)]
     frame[counts] = frame[counts].fillna(0).astype(int)  # 0 finite seeds where a metric is not part of the test

@@ -5,17 +5,17 @@ pipeline/compare.py builds its "## Across reruns" section from the same pieces.
 from __future__ import annotations
 
 import os
-from collections import Counter
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from pipeline.arms import CONTROL, EXTRAPOLATION, TESTS, TRANSFER
-from pipeline.metrics import (B_C, CEILING_EXCEEDANCE, CONFIDENCE, COUNT, CUTOFF, DOES_NOT, ENV, EXTRAPOLATES,
-                              EXTRAPOLATION_RATIO, EXTRAPOLATION_RATIO_REASON, FINAL_IMITATOR, FINAL_RANDOM,
-                              FINAL_SNAPSHOT, FINAL_TEACHER, FIRST_IMITATOR, INCONCLUSIVE, L_C, MISSING,
-                              MISSING_SEEDS, N_SEEDS, SNAPSHOT_FIDELITY, TRANSFER_AUC_RATIO, VERDICT, ci_columns)
+from pipeline.metrics import (B_C_DEBIASED, CEILING_EXCEEDANCE, CONFIDENCE, COUNT, CUTOFF, DEGRADES, DOES_NOT, ENV,
+                              EXTRAPOLATES, EXTRAPOLATION_RATIO, EXTRAPOLATION_RATIO_REASON, FIDELITY, FINAL_IMITATOR,
+                              FINAL_RANDOM, FINAL_SNAPSHOT, FINAL_TEACHER, FIRST_IMITATOR, GAIN_TEACHER,
+                              IMITATION_FAILED, IN_DATA_RATIO, INCONCLUSIVE, L_C, MISSING, MISSING_SEEDS, N_SEEDS,
+                              NOT_TESTABLE, TRANSFER_AUC_RATIO, VERDICT, VERDICT_REASON, VerdictRules, ci_columns)
 from pipeline.report.tables import (COMPARISON, FAILED, GROUP, IN_CONTEXT_GAIN, LEARNS_IN_CONTEXT, METRICS_FILE,
                                     MISSING_TRIALS, NAN, OK, STATUS, SUMMARY_FILE, TEST, VARIANT)
 
@@ -47,18 +47,25 @@ def seeds_cell(row: pd.Series) -> str:
     return f"{row[N_SEEDS] - len(row[MISSING_SEEDS])}/{row[N_SEEDS]}"
 
 
+def verdict_cell(row: pd.Series) -> str:
+    """'**does not** (extrapolation ratio ...); degrades' for the ladder, the bare verdict for transfer."""
+    reason = row.get(VERDICT_REASON) or ""
+    return f"**{row[VERDICT]}**" + (f" ({reason})" if reason else "") + ("; **degrades**" if row.get(DEGRADES) is True else "")
+
+
 # --- tables --------------------------------------------------------------------------------------
 
 EXTRAPOLATION_TABLE = (
     ("env", lambda r: r[ENV]), ("group", lambda r: r[GROUP]), ("cutoff", lambda r: f"{r[CUTOFF]:g}"),
     ("variant", lambda r: r[VARIANT]), ("complete seeds", seeds_cell),
-    ("L_c", lambda r: with_ci(r, L_C)), ("B_c", lambda r: with_ci(r, B_C)),
+    ("L_c", lambda r: with_ci(r, L_C)), ("B_c (de-biased)", lambda r: with_ci(r, B_C_DEBIASED)),
+    ("teacher gain", lambda r: with_ci(r, GAIN_TEACHER)),
     ("imitator final", lambda r: with_ci(r, FINAL_IMITATOR)),
     ("continued-teacher final", lambda r: with_ci(r, FINAL_TEACHER)),
     ("snapshot final", lambda r: with_ci(r, FINAL_SNAPSHOT)),
+    ("fidelity", lambda r: with_ci(r, FIDELITY)), ("in-data ratio", lambda r: with_ci(r, IN_DATA_RATIO)),
     ("extrapolation ratio", ratio_cell), ("ceiling exceedance", lambda r: with_ci(r, CEILING_EXCEEDANCE)),
-    ("snapshot fidelity", lambda r: with_ci(r, SNAPSHOT_FIDELITY)),
-    ("verdict", lambda r: f"**{r[VERDICT]}**"), ("missing trials", lambda r: r[MISSING_TRIALS] or "none"),
+    ("verdict", verdict_cell), ("missing trials", lambda r: r[MISSING_TRIALS] or "none"),
 )
 TRANSFER_TABLE = (
     *EXTRAPOLATION_TABLE[:5],
@@ -93,8 +100,9 @@ def verdict_phrase(said: str, test: str) -> str:
 
 def evidence(row: pd.Series) -> str:
     if row[TEST] == EXTRAPOLATION:
-        text = (f"imitator final {with_ci(row, FINAL_IMITATOR)} vs pre-cutoff best {with_ci(row, B_C)} "
-                f"and continued teacher {with_ci(row, FINAL_TEACHER)}")
+        text = (f"{row[VERDICT_REASON]}; imitator final {with_ci(row, FINAL_IMITATOR)} vs de-biased pre-cutoff best "
+                f"{with_ci(row, B_C_DEBIASED)} and continued teacher {with_ci(row, FINAL_TEACHER)}"
+                + ("; the imitator degrades" if row.get(DEGRADES) is True else ""))
     else:
         text = (f"imitator return {with_ci(row, FIRST_IMITATOR)} at first, {with_ci(row, FINAL_IMITATOR)} at the end, "
                 f"vs teacher from scratch {with_ci(row, FINAL_TEACHER)}; AUC ratio {with_ci(row, TRANSFER_AUC_RATIO)}")
@@ -102,7 +110,7 @@ def evidence(row: pd.Series) -> str:
 
 
 def comparison_sentence(rows: pd.DataFrame) -> str:
-    """One sentence per (test, env, group, cutoff); with several variants, the counts and the best one."""
+    """One sentence per (test, env, group, cutoff), with every variant's own verdict (none is picked)."""
     first = rows.iloc[0]
     test, where = first[TEST], f"{first[ENV]} ({first[GROUP]})"
     name = {EXTRAPOLATION: f"{where} cutoff {first[CUTOFF]:g}",
@@ -110,11 +118,8 @@ def comparison_sentence(rows: pd.DataFrame) -> str:
             CONTROL: f"Positive control on {first[ENV]} held-out tasks ({first[GROUP]})"}[test]
     if len(rows) == 1:
         return f"{name}: {verdict_phrase(first[VERDICT], test)} ({evidence(first)})."
-    counts = Counter(verdict_phrase(v, test) for v in rows[VERDICT])
-    best = rows.loc[rows[FINAL_IMITATOR].fillna(-np.inf).idxmax()]
-    tally = ", ".join(f"{phrase}: {n}" for phrase, n in counts.items())
-    return (f"{name}, {len(rows)} imitator variants ({tally}); best ({best[VARIANT]}): "
-            f"{verdict_phrase(best[VERDICT], test)} ({evidence(best)}).")
+    variants = "; ".join(f"{row[VARIANT]}: {verdict_phrase(row[VERDICT], test)} ({evidence(row)})" for _, row in rows.iterrows())
+    return f"{name}, {len(rows)} imitator variants: {variants}."
 
 
 def summary_paragraph(summary: pd.DataFrame) -> str:
@@ -150,8 +155,16 @@ HOW_TO_READ = f"""\
 - **transfer AUC ratio** = area under the imitator's curve / the scratch teacher's, over the same H steps.
 - Brackets are {CONFIDENCE:.0%} percentile bootstrap intervals over seeds (teacher seeds, or held-out task
   indices); "(k/N seeds)" marks a value computed on fewer seeds than expected.
-- **verdict** (extrapolation): *{EXTRAPOLATES}* if the CI of imitator final - B_c is above 0; *{DOES_NOT}* if not
-  and the CI of imitator final - continued-teacher final is below 0; else *{INCONCLUSIVE}*. Transfer and control:
+- **verdict** (extrapolation), the first rung of this ladder that applies, with its numbers beside it:
+  *{MISSING}*: a seed lacks a value the ladder needs; *{NOT_TESTABLE}*: the continued teacher's gain over L_c is not
+  significantly above 0; *{IMITATION_FAILED}*: mean fidelity = (imitator first-W - random) / (L_c - random) below
+  {{fidelity}}, or mean in-data ratio below {{in_data}} (the imitator primed at c' = a fraction of the cutoff and
+  rolled out to c must gain as the teacher did from L_c' to L_c: an improvement in its own data);
+  *{EXTRAPOLATES}*: the CI of imitator final - de-biased B_c (the best window chosen on half the episodes,
+  measured on the other half) is above 0; *{DOES_NOT}* (extrapolate): the in-data control ran and passed and the
+  extrapolation ratio's CI upper bound is below {{margin}}; else *{INCONCLUSIVE}*, which says the largest ratio
+  the interval leaves open, or that no in-data control verified the imitation. **degrades** beside it: the CI of
+  imitator final - its first-W return is below 0. Every variant has its own verdict. Transfer and control:
   *{LEARNS_IN_CONTEXT}* if the imitator's final return is significantly above its first-W return; *{DOES_NOT}*
   if not and it ends significantly below the teacher learning from scratch; else *{INCONCLUSIVE}*.
 - **{MISSING}: seeds [...]** replaces the verdict when a trial that verdict needs failed, is missing, or finished
@@ -183,7 +196,7 @@ def verdict_section(test: str, summary: pd.DataFrame, figures: list[str]) -> str
 
 
 def write_markdown(path: str, trials: pd.DataFrame, summary: pd.DataFrame, figures: dict[str, list[str]],
-                   paragraph: str, window: int) -> str:
+                   paragraph: str, window: int, rules: VerdictRules) -> str:
     links = "\n".join(f"- [{os.path.basename(p)}]({os.path.basename(p)})" for test in TESTS for p in figures[test])
     parts = [
         "# Can an imitator keep learning after its teacher's data stops?\n",
@@ -191,7 +204,7 @@ def write_markdown(path: str, trials: pd.DataFrame, summary: pd.DataFrame, figur
         f"## Verdicts\n\n{paragraph}\n",
         *(verdict_section(test, summary, figures[test]) for test in TESTS),
         f"## Figures\n\n{links}\n",
-        "## How to read this\n\n" + HOW_TO_READ.format(window=window),
+        "## How to read this\n\n" + HOW_TO_READ.format(window=window, **vars(rules)),
         f"## Files\n\n- `{METRICS_FILE}`: one row per (test, env, group, cutoff, variant, seed).\n"
         f"- `{SUMMARY_FILE}`: one row per (test, env, group, cutoff, variant): estimates, CIs, verdicts.\n",
     ]
