@@ -31,6 +31,7 @@ bench: $(VENV)/.installed
 	$(BIN)/pip install --quiet -c constraints.txt stable-baselines3==2.9.2  # for the next benchmark only
 	$(BIN)/python bench/sb3_teachers.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/train_job_cost.py
 	$(BIN)/python bench/rollout_cache.py
 	$(BIN)/python bench/evaluate_throughput.py
 

@@ -7,23 +7,30 @@ Each imitator reads its teacher groups' committed shards with Ray Data through t
 filesystem (so s3:// works), keeps the rows with step < its cutoff step (a filter Ray Data
 pushes into the Parquet read), cuts windows that never cross teachers (pipeline/windows.py) and
 streams them to a TorchTrainer fitting pipeline/model.py by next-action prediction. Teachers
-held out by `val_fraction` give the validation loss. Checkpoints, metrics and TensorBoard logs
-go to {store}/{experiment}/imitators/cutoff={c}/{name}/; rerunning resumes an unfinished
-imitator from its newest checkpoint (optimizer and step included) and skips finished ones, and
-Ray Train restarts failed workers from it (FailureConfig). Expect a loss falling from
-log(n_actions) and, on held-out teachers, a validation loss that follows it.
+held out by `val_fraction` give the validation loss. One Ray Train job fits up to
+train.imitators_per_job imitators one after another (its datasets train_{i} and val_{i}), since
+starting a job costs far more than fitting a small imitator; train.concurrent jobs run at once.
+Rank 0 writes each imitator's checkpoints, TensorBoard logs and done file straight into
+{store}/{experiment}/imitators/cutoff={c}/{name}/. A job's worker, restarted by Ray Train after a
+failure (FailureConfig), and a rerun of the command both go on from there: finished imitators
+are skipped, an unfinished one resumes from its newest checkpoint (optimizer and step included).
+Expect a loss falling from log(n_actions) and, on held-out teachers, a validation loss that
+follows it.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
 import os
+import re
 import tempfile
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -44,6 +51,9 @@ from pipeline.store import Store
 from pipeline.windows import make_windows
 
 CHECKPOINT_FILE = "imitator.pt"
+CHECKPOINT_NAME = re.compile(r"checkpoint_\d+")  # checkpoint_{step:09d}: folders in an imitator's folder
+KEEP_CHECKPOINTS = 2
+JOBS_DIR = "_jobs"  # Ray Train's own records of each job, under imitators/
 READ_COLUMNS = ["teacher_id", "step", "episode_step", "obs", "action", "reward"]
 VAL_BATCHES = 8  # batches of held-out windows per validation
 MAX_REPEAT_BYTES = 256 * 2**20  # largest block of repeated windows read_plan makes
@@ -124,13 +134,15 @@ def windows_dataset(store: Store, paths: list[str], spec: ImitatorSpec, repeat: 
     stride = spec.hparams["window_stride"] or max(1, window // 2)
     plan = read_plan(spec, window, stride, repeat)
     rows = history_rows(store, paths, spec.cutoff_step, plan.read_tasks)
+    # Plain ints in the closure: a ModelArgs or ReadPlan in it would make each read task import
+    # this module and torch, seconds in a fresh worker process.
+    n_actions, frame_stack, repeats = args.n_actions, args.frame_stack, plan.repeats
 
     def to_windows(table: pa.Table) -> dict[str, np.ndarray]:
         columns = {name: table[name].to_numpy(zero_copy_only=False) for name in READ_COLUMNS if name != "obs"}
         columns["obs"] = encoding.decode(table["obs"])
-        windows = make_windows(columns, window_steps=window, stride=stride, n_actions=args.n_actions,
-                               frame_stack=args.frame_stack)
-        order = np.concatenate([rng.permutation(len(windows["action"])) for _ in range(plan.repeats)])
+        windows = make_windows(columns, window_steps=window, stride=stride, n_actions=n_actions, frame_stack=frame_stack)
+        order = np.concatenate([rng.permutation(len(windows["action"])) for _ in range(repeats)])
         return {name: values[order] for name, values in windows.items()}
 
     rng = np.random.default_rng()
@@ -138,7 +150,7 @@ def windows_dataset(store: Store, paths: list[str], spec: ImitatorSpec, repeat: 
     return rows.map_batches(to_windows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
 
 
-# --- the training loop (runs in each Ray Train worker) ---
+# --- optimization ---
 
 
 def learning_rate(step: int, hp: dict[str, Any]) -> float:
@@ -180,9 +192,47 @@ def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
     return int(max((state["step"] for state in optimizer.state.values()), default=0))
 
 
-def save_checkpoint(directory: str, model: Imitator, optimizer: torch.optim.Optimizer, step: int, args: ModelArgs) -> None:
-    torch.save({"model_args": asdict(args), "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
-               os.path.join(directory, CHECKPOINT_FILE))
+# --- checkpoints and outputs (rank 0 writes them straight into the imitator's folder) ---
+
+
+def checkpoint_names(store: Store, folder: str) -> list[str]:
+    """The imitator's checkpoint folders, oldest first (named by step)."""
+    return sorted(name for name in store.list_names(folder) if CHECKPOINT_NAME.fullmatch(name))
+
+
+def save_checkpoint(store: Store, folder: str, spec: ImitatorSpec, model: Imitator, optimizer: torch.optim.Optimizer,
+                    step: int) -> str:
+    """{folder}/checkpoint_{step}/imitator.pt, one file written whole or not at all, naming its
+    imitator; keeps the newest KEEP_CHECKPOINTS. Returns the checkpoint's folder."""
+    path = f"{folder}/checkpoint_{step:09d}"
+    buffer = io.BytesIO()
+    torch.save({"imitator": spec.name, "cutoff": spec.cutoff, "model_args": spec.model_args, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "step": step}, buffer)
+    store.write_bytes(f"{path}/{CHECKPOINT_FILE}", buffer.getvalue())
+    for old in checkpoint_names(store, folder)[:-KEEP_CHECKPOINTS]:
+        store.delete(f"{folder}/{old}")
+    return path
+
+
+def restore_checkpoint(store: Store, folder: str, spec: ImitatorSpec, model: Imitator, optimizer: torch.optim.Optimizer,
+                       device: torch.device) -> int:
+    """Load the imitator's newest checkpoint into model and optimizer; returns its step (0: none yet).
+    One taken at the last step is passed over: without a done file, its worker died before writing it."""
+    for name in reversed(checkpoint_names(store, folder)):
+        if int(name.removeprefix("checkpoint_")) >= spec.hparams["steps"]:
+            continue
+        try:
+            data = store.read_bytes(f"{folder}/{name}/{CHECKPOINT_FILE}")
+        except FileNotFoundError:  # its worker died before writing it
+            continue
+        state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+        if (state["imitator"], state["cutoff"]) != (spec.name, spec.cutoff):
+            raise TrainError(f"{store.url(folder)}/{name} is a checkpoint of imitator {state['imitator']} at cutoff "
+                             f"{state['cutoff']:g}, not of {spec.name} at cutoff {spec.cutoff:g}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return state["step"]
+    return 0
 
 
 def load_imitator(directory: str, device: str | torch.device = "cpu") -> Imitator:
@@ -193,36 +243,67 @@ def load_imitator(directory: str, device: str | torch.device = "cpu") -> Imitato
     return model.eval()
 
 
+class ImitatorOutputs:
+    """What rank 0 writes for one imitator: TensorBoard logs (local, copied into the store at each
+    report), checkpoints and, once it is finished, the done file."""
+
+    def __init__(self, store: Store, experiment: str, spec: ImitatorSpec):
+        from tensorboardX import SummaryWriter
+
+        self.store, self.spec, self.folder = store, spec, spec.dir(experiment)
+        self.local_dir = tempfile.mkdtemp(prefix="tensorboard-")
+        self.writer = SummaryWriter(self.local_dir)
+        self.checkpoint = ""
+
+    def log(self, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"imitator/{name}", value, metrics["step"])
+        self.writer.flush()
+        self.store.upload_dir(self.local_dir, f"{self.folder}/tensorboard")
+
+    def save(self, model: Imitator, optimizer: torch.optim.Optimizer, step: int) -> None:
+        self.checkpoint = save_checkpoint(self.store, self.folder, self.spec, model, optimizer, step)
+
+    def finish(self, metrics: dict[str, float]) -> None:
+        final = {**metrics, "imitator": self.spec.name, "cutoff": self.spec.cutoff, "checkpoint": self.store.full(self.checkpoint)}
+        self.store.write_bytes(f"{self.folder}/{layout.DONE_FILE}", json.dumps(final, indent=1).encode())
+        self.writer.close()
+
+
+# --- the training loop (runs in each Ray Train worker) ---
+
+
 def train_loop(config: dict[str, Any]) -> None:
+    """The job's imitators, one after another. One with a done file is skipped and an unfinished
+    one resumes from its newest checkpoint, so a restarted worker and a rerun go on from the store."""
+    store, experiment = config["store"], config["experiment"]
+    for index, spec in enumerate(config["imitators"]):
+        if not store.exists(f"{spec.dir(experiment)}/{layout.DONE_FILE}"):
+            fit_in_worker(spec, index, store, experiment)
+
+
+def fit_in_worker(spec: ImitatorSpec, index: int, store: Store, experiment: str) -> None:
+    """One imitator on the job's datasets train_{index} and val_{index}."""
     import ray.train
     import ray.train.torch
-    from tensorboardX import SummaryWriter
 
-    hp, args = config["hparams"], ModelArgs.from_dict(config["model_args"])
+    hp, args = spec.hparams, ModelArgs.from_dict(spec.model_args)
     context = ray.train.get_context()
     rank, workers = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(Imitator(args))
     bare = model.module if hasattr(model, "module") else model
     optimizer = bare.configure_optimizer(hp["weight_decay"], hp["lr"], (0.9, 0.95))
-    step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location=device, weights_only=True)
-        bare.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+    step = restore_checkpoint(store, spec.dir(experiment), spec, bare, optimizer, device)
 
     per_worker = hp["batch_size"] // workers
-    train_windows = ray.train.get_dataset_shard("train")
+    train_windows = ray.train.get_dataset_shard(f"train_{index}")
     iterate = lambda shard, shuffle: shard.iter_torch_batches(  # noqa: E731
         batch_size=per_worker, drop_last=True, device=device, local_shuffle_buffer_size=shuffle or None)
     # The same few held-out batches at every validation, read once.
-    val_batches = list(itertools.islice(iterate(ray.train.get_dataset_shard("val"), 0), VAL_BATCHES)) if config["has_val"] else None
-    # Rank 0 logs to TensorBoard in a local folder and copies it into the store at each report.
-    store, tensorboard_dir = config["store"], tempfile.mkdtemp(prefix="tensorboard-")
-    writer = SummaryWriter(tensorboard_dir) if rank == 0 else None
+    val_batches = (list(itertools.islice(iterate(ray.train.get_dataset_shard(f"val_{index}"), 0), VAL_BATCHES))
+                   if spec.val_teachers else None)
+    outputs = ImitatorOutputs(store, experiment, spec) if rank == 0 else None
     tokens_per_step = hp["batch_size"] * (hp["window_steps"] or args.context_steps)
     started, first_step = time.perf_counter(), step
     while step < hp["steps"]:
@@ -234,29 +315,24 @@ def train_loop(config: dict[str, Any]) -> None:
             loss = optimizer_step(model, optimizer, batch, step, hp)
             step += 1
             done = step == hp["steps"]
-            if step % hp["report_every"] == 0 or step % hp["checkpoint_every"] == 0 or done:
+            checkpoint = step % hp["checkpoint_every"] == 0 or done
+            if step % hp["report_every"] == 0 or checkpoint:
                 metrics = {"step": step, "loss": loss.item(), "lr": learning_rate(step - 1, hp),
                            "tokens_per_s": (step - first_step) * tokens_per_step / (time.perf_counter() - started),
                            "resumed_from": first_step, "optimizer_steps": optimizer_steps(optimizer)}
                 if val_batches is not None:
                     metrics["val_loss"] = validation_loss(model, val_batches)
-                with tempfile.TemporaryDirectory() as directory:
-                    keep = rank == 0 and (step % hp["checkpoint_every"] == 0 or done)
-                    if keep:
-                        save_checkpoint(directory, bare, optimizer, step, args)
-                    if writer:
-                        for name, value in metrics.items():
-                            writer.add_scalar(f"imitator/{name}", value, step)
-                        writer.flush()
-                        store.upload_dir(tensorboard_dir, config["tensorboard_path"])
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if keep else None)
+                if outputs:
+                    outputs.log(metrics)
+                    if checkpoint:
+                        outputs.save(bare, optimizer, step)
+                    if done:
+                        outputs.finish(metrics)
             if done:
                 break
         if batches == 0:
             raise TrainError(f"no training window of {hp['window_steps'] or args.context_steps} steps: the histories before the cutoff are "
                              f"shorter than the context, or there are fewer windows than a batch of {per_worker}")
-    if writer:
-        writer.close()
 
 
 # --- the stage ---
@@ -286,26 +362,30 @@ def train(preset: Preset, store: Store, experiment: str, log: Callable[[str], No
 
 def fit_imitators(preset: Preset, store: Store, experiment: str, todo: list[ImitatorSpec],
                   log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Fit these imitators, train.concurrent Ray Train jobs at a time; their final metrics in order."""
+    """Fit these imitators in Ray Train jobs of up to train.imitators_per_job each, train.concurrent
+    jobs at a time; their final metrics in order."""
     ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
-    jobs = concurrent_jobs(preset.train, len(todo))
-    if jobs > 1:
-        log(f"train: {len(todo)} imitators, {jobs} at a time")
+    at_once = concurrent_jobs(preset.train, len(todo))
+    jobs = job_groups(todo, preset.train.imitators_per_job, at_once)
+    log(f"train: {len(todo)} to fit, {len(jobs)} Ray Train job(s), {at_once} at a time")
 
-    def fit(number: int, spec: ImitatorSpec) -> dict[str, Any]:
-        log(f"train: imitator {number}/{len(todo)}: {spec.name} at cutoff {spec.cutoff:g} "
-            f"({len(spec.train_teachers)} teachers, {len(spec.val_teachers)} held out, {spec.hparams['steps']} steps)")
-        final = fit_imitator(preset, store, experiment, spec)
-        log(f"train: {spec.name} at cutoff {spec.cutoff:g}: loss {final['loss']:.3f}"
-            + (f", validation loss {final['val_loss']:.3f}" if "val_loss" in final else ""))
-        return final
+    def fit(number: int, specs: list[ImitatorSpec]) -> list[dict[str, Any]]:
+        log(f"train: job {number}/{len(jobs)}: " + ", ".join(
+            f"{spec.name} at cutoff {spec.cutoff:g} ({len(spec.train_teachers)} teachers, {len(spec.val_teachers)} held out, "
+            f"{spec.hparams['steps']} steps)" for spec in specs))
+        finals = fit_job(preset, store, experiment, specs)
+        for final in finals:
+            log(f"train: {final['imitator']} at cutoff {final['cutoff']:g}: loss {final['loss']:.3f}"
+                + (f", validation loss {final['val_loss']:.3f}" if "val_loss" in final else ""))
+        return finals
 
     # Each job checkpoints as it goes: when one fails, the others still finish (leaving the pool
     # waits for them) before the first error is raised.
-    with ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(fit, number, spec) for number, spec in enumerate(todo, 1)]
-    return [future.result() for future in futures]
+    with ThreadPoolExecutor(at_once) as pool:
+        futures = [pool.submit(fit, number, specs) for number, specs in enumerate(jobs, 1)]
+    finals = {(final["imitator"], final["cutoff"]): final for future in futures for final in future.result()}
+    return [finals[spec.name, spec.cutoff] for spec in todo]
 
 
 def concurrent_jobs(settings: TrainConfig, todo: int) -> int:
@@ -316,30 +396,56 @@ def concurrent_jobs(settings: TrainConfig, todo: int) -> int:
     return max(1, min(settings.concurrent, todo, fits))
 
 
-def fit_imitator(preset: Preset, store: Store, experiment: str, spec: ImitatorSpec) -> dict[str, Any]:
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+def job_groups(todo: list[ImitatorSpec], per_job: int, at_once: int) -> list[list[ImitatorSpec]]:
+    """The imitators spread over at least `at_once` jobs of at most `per_job` each, balanced by
+    tokens trained: the largest first, each into the least loaded job with room. A job fits its
+    imitators in preset order."""
+    count = max(math.ceil(len(todo) / per_job), at_once)
+    jobs, loads = [[] for _ in range(count)], [0] * count
+    for spec in sorted(todo, key=training_tokens, reverse=True):
+        job = min((j for j in range(count) if len(jobs[j]) < per_job), key=loads.__getitem__)
+        jobs[job].append(spec)
+        loads[job] += training_tokens(spec)
+    return [sorted(job, key=todo.index) for job in jobs]
+
+
+def training_tokens(spec: ImitatorSpec) -> int:
+    hp = spec.hparams
+    return hp["steps"] * hp["batch_size"] * (hp["window_steps"] or spec.model_args["context_steps"])
+
+
+def fit_job(preset: Preset, store: Store, experiment: str, specs: list[ImitatorSpec]) -> list[dict[str, Any]]:
+    """One Ray Train job fitting these imitators one after another (train_loop); their done files."""
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    datasets = {"train": windows_dataset(store, shard_paths(store, experiment, spec, spec.train_teachers), spec)}
-    if spec.val_teachers:
-        datasets["val"] = windows_dataset(store, shard_paths(store, experiment, spec, spec.val_teachers), spec, repeat=False)
+    datasets = {}
+    for index, spec in enumerate(specs):
+        datasets[f"train_{index}"] = windows_dataset(store, shard_paths(store, experiment, spec, spec.train_teachers), spec)
+        if spec.val_teachers:
+            datasets[f"val_{index}"] = windows_dataset(store, shard_paths(store, experiment, spec, spec.val_teachers), spec,
+                                                       repeat=False)
     settings = preset.train
+    # Split among several workers only: a split dataset is read through its own coordinator actor,
+    # about 8 s to start per imitator here, where one worker reads a whole dataset in its process.
+    split = [name for name in datasets if name.startswith("train_")] if settings.num_workers > 1 else []
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"hparams": spec.hparams, "model_args": spec.model_args, "has_val": bool(spec.val_teachers),
-                           "store": store, "tensorboard_path": f"{spec.dir(experiment)}/tensorboard"},
+        train_loop_config={"imitators": specs, "experiment": experiment, "store": store},
         scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=use_gpu(settings.use_gpu),
                                      resources_per_worker={"CPU": settings.cpus_per_worker}),
-        run_config=RunConfig(name=spec.name, storage_path=store.full(layout.imitators_dir(experiment, spec.cutoff)),
-                             storage_filesystem=store.arrow_fs, failure_config=FailureConfig(max_failures=settings.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        run_config=RunConfig(name=job_name(specs), storage_path=store.full(f"{layout.imitators_dir(experiment)}/{JOBS_DIR}"),
+                             storage_filesystem=store.arrow_fs, failure_config=FailureConfig(max_failures=settings.max_failures)),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=split),
     )
-    result = trainer.fit()
-    final = {**result.metrics, "imitator": spec.name, "cutoff": spec.cutoff, "checkpoint": result.checkpoint.path}
-    store.write_bytes(f"{spec.dir(experiment)}/{layout.DONE_FILE}", json.dumps(final, indent=1).encode())
-    return final
+    trainer.fit()
+    return [json.loads(store.read_bytes(f"{spec.dir(experiment)}/{layout.DONE_FILE}")) for spec in specs]
+
+
+def job_name(specs: list[ImitatorSpec]) -> str:
+    """Named after its imitators: rerunning the same job reuses its folder instead of adding one."""
+    return f"job-{zlib.crc32(' '.join(f'{spec.cutoff:g}/{spec.name}' for spec in specs).encode()):08x}"
 
 
 def use_gpu(setting: bool | str) -> bool:

@@ -6,12 +6,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from pipeline.collect import collect
 from pipeline.plan import imitator_specs, teacher_specs
@@ -19,7 +21,8 @@ from pipeline.config import ConfigError, load_preset
 from pipeline.history import HistoryError, TeacherHistory
 from pipeline.schema import VERSION_KEY, ObsEncoding, Transitions
 from pipeline.store import Store
-from pipeline.train import ReadPlan, TrainError, concurrent_jobs, history_rows, read_plan, shard_paths, train
+from pipeline.train import (ReadPlan, TrainError, concurrent_jobs, history_rows, job_groups, load_imitator, read_plan, shard_paths,
+                            train)
 from pipeline.windows import make_windows, stack_frames
 
 from conftest import REPO
@@ -105,24 +108,30 @@ def tensorboard_tags(store: Store, folder: str) -> bytes:
     return b"".join(store.fs.cat_file(p) for p in names)
 
 
-def test_tiny_models_overfit_a_tiny_history_through_ray_train_on_s3_two_jobs_at_once(s3_uri):
+def test_tiny_models_overfit_a_tiny_history_through_ray_train_on_s3_two_jobs_at_once(s3_uri, tmp_path):
     overrides = ["train.imitators.darkroom.steps=150", "train.imitators.darkroom.lr=0.003",
                  "train.imitators.darkroom.warmup_steps=10", "train.imitators.darkroom.report_every=75",
-                 "train.imitators.darkroom.checkpoint_every=150", "train.imitators.darkroom.sizes={tiny: {n_layer: 1, n_head: 2, n_embd: 64}}",
-                 "train.imitators.darkroom.context_steps=[20, 10]", "train.concurrent=2", "train.cpus_per_worker=0.5"]
+                 "train.imitators.darkroom.checkpoint_every=50", "train.imitators.darkroom.sizes={tiny: {n_layer: 1, n_head: 2, n_embd: 64}}",
+                 "train.imitators.darkroom.context_steps=[20, 10, 16]", "train.imitators_per_job=2", "train.concurrent=2",
+                 "train.cpus_per_worker=0.5"]
     preset = load_preset("smoke", overrides)
     store = Store(s3_uri)
     write_deterministic_histories(store, "exp", preset)
     lines = []
     results = train(preset, store, "exp", log=lines.append)
-    assert "train: 2 imitators, 2 at a time" in lines
-    assert [r["imitator"] for r in results] == ["darkroom-tiny-ctx20", "darkroom-tiny-ctx10"]
+    assert "train: 3 to fit, 2 Ray Train job(s), 2 at a time" in lines
+    assert sum(line.startswith("train: job ") and ", darkroom" in line for line in lines) == 1  # one job fits two
+    assert [r["imitator"] for r in results] == ["darkroom-tiny-ctx20", "darkroom-tiny-ctx10", "darkroom-tiny-ctx16"]
     for result, spec in zip(results, imitator_specs(preset)):
         assert result["step"] == 150 and result["loss"] < 0.05, result
         assert result["val_loss"] < 0.1, result  # held-out teachers follow the same rule
         folder = spec.dir("exp")
         assert store.exists(f"{folder}/_done.json")
-        assert any(name.startswith("checkpoint_") for name in store.list_names(folder))
+        assert checkpoint_steps(store, folder) == [100, 150]  # the newest two, each in its imitator's folder
+        local = tmp_path / spec.name
+        store.download_dir(f"{folder}/{os.path.basename(result['checkpoint'])}", str(local))
+        assert load_imitator(str(local)).args.context_steps == spec.model_args["context_steps"]
+        assert torch.load(local / "imitator.pt", weights_only=True)["step"] == 150
         assert b"imitator/loss" in tensorboard_tags(store, f"{folder}/tensorboard")
     again = train(preset, store, "exp", log=lambda line: None)  # finished imitators are not retrained
     assert again == results
@@ -133,6 +142,18 @@ def test_tiny_models_overfit_a_tiny_history_through_ray_train_on_s3_two_jobs_at_
     assert train(preset, store, "exp", log=lambda line: None) == results
     with pytest.raises(ConfigError, match=r"imitator darkroom-tiny-ctx20 at cutoff 0.5 trained with other settings \(hparams"):
         train(load_preset("smoke", [*overrides, "train.imitators.darkroom.lr=0.001"]), store, "exp", log=lambda line: None)
+
+
+def checkpoint_steps(store: Store, folder: str) -> list[int]:
+    return [int(name.removeprefix("checkpoint_")) for name in store.list_names(folder) if name.startswith("checkpoint_")]
+
+
+def test_imitators_are_spread_over_jobs_balanced_by_tokens_with_room_for_concurrency():
+    darkroom, control, cartpole = imitator_specs(load_preset("quick"))  # 600, 1500 and 600 steps
+    names = lambda jobs: [[spec.group for spec in job] for job in jobs]  # noqa: E731
+    assert names(job_groups([darkroom, control, cartpole], per_job=8, at_once=2)) == [["darkroom_control"], ["darkroom", "cartpole"]]
+    assert names(job_groups([darkroom, control, cartpole], per_job=8, at_once=1)) == [["darkroom", "darkroom_control", "cartpole"]]
+    assert names(job_groups([darkroom, control, cartpole], per_job=1, at_once=2)) == [["darkroom_control"], ["darkroom"], ["cartpole"]]
 
 
 def test_a_small_history_is_read_once_in_one_block_a_large_one_streamed_per_epoch():
@@ -153,28 +174,76 @@ def test_concurrent_imitator_jobs_leave_a_cpu_for_reading_their_data():
     assert concurrent_jobs(replace(settings, concurrent=4, cpus_per_worker=0.25), todo=3) == 3
 
 
-def test_rerun_resumes_an_interrupted_imitator_from_its_checkpoint(tmp_path, ray_address):
-    overrides = ["train.imitators.darkroom.steps=600", "train.imitators.darkroom.checkpoint_every=100",
-                 "train.imitators.darkroom.report_every=100", "train.imitators.darkroom.val_fraction=0"]
-    preset = load_preset("smoke", overrides)
+# Two imitators in one job, 600 steps each, a checkpoint every 100.
+ONE_JOB_OF_TWO = ["train.imitators.darkroom.steps=600", "train.imitators.darkroom.checkpoint_every=100",
+                  "train.imitators.darkroom.report_every=100", "train.imitators.darkroom.val_fraction=0",
+                  "train.imitators.darkroom.context_steps=[20, 10]", "train.imitators_per_job=2"]
+
+
+def wait_for_first_done_second_checkpointed(store: Store, first: str, second: str, running) -> bytes:
+    """Waits until the job has finished its first imitator and checkpointed its second (not
+    finished); returns the first's done file."""
+    deadline = time.time() + 300
+    while not (store.exists(f"{first}/_done.json") and checkpoint_steps(store, second)):
+        assert running() and time.time() < deadline, "training ended or stalled before the second imitator's first checkpoint"
+        time.sleep(0.05)
+    assert not store.exists(f"{second}/_done.json"), "the second imitator finished before the test could interrupt it"
+    return store.read_bytes(f"{first}/_done.json")
+
+
+def train_worker_pids() -> list[int]:
+    """Ray Train workers of this test session's Ray, which runs under this process."""
+    parents, titles = {}, {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat, open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                parents[int(entry)], titles[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1]), cmdline.read()
+        except OSError:
+            continue
+    ours, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - ours
+        ours |= frontier
+    return [pid for pid in ours if titles[pid].startswith(b"ray::RayTrainWorker")]
+
+
+def test_a_killed_worker_resumes_its_imitator_without_refitting_the_finished_one(tmp_path):
+    preset = load_preset("smoke", ONE_JOB_OF_TWO)
     store = Store(str(tmp_path))
     write_deterministic_histories(store, "exp", preset)
-    folder = tmp_path / imitator_specs(preset)[0].dir("exp")
+    first, second = (spec.dir("exp") for spec in imitator_specs(preset))
+    results = []
+    training = threading.Thread(target=lambda: results.extend(train(preset, store, "exp", log=lambda line: None)))
+    training.start()
+    first_done = wait_for_first_done_second_checkpointed(store, first, second, training.is_alive)
+    [worker] = train_worker_pids()
+    os.kill(worker, signal.SIGKILL)
+    training.join(timeout=300)
+    assert [r["step"] for r in results] == [600, 600], "the job did not finish after its worker was killed"
+    assert store.read_bytes(f"{first}/_done.json") == first_done  # not refitted
+    assert results[1]["resumed_from"] >= 100 and results[1]["resumed_from"] % 100 == 0, results[1]
+    assert results[1]["optimizer_steps"] == 600  # the optimizer state came back too
+
+
+def test_rerun_resumes_an_interrupted_imitator_from_its_checkpoint_and_skips_the_finished_one(tmp_path, ray_address):
+    preset = load_preset("smoke", ONE_JOB_OF_TWO)
+    store = Store(str(tmp_path))
+    write_deterministic_histories(store, "exp", preset)
+    first, second = (spec.dir("exp") for spec in imitator_specs(preset))
     command = [sys.executable, "-m", "pipeline", "train", "--preset", "smoke", "--store", str(tmp_path),
-               "--experiment", "exp", *[arg for o in overrides for arg in ("--set", o)]]
+               "--experiment", "exp", *[arg for o in ONE_JOB_OF_TWO for arg in ("--set", o)]]
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "RAY_ADDRESS": ray_address},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    registered = folder / "checkpoint_manager_snapshot.json"  # where Ray Train records the checkpoints it kept
-    while not (registered.exists() and "checkpoint_" in registered.read_text()):
-        assert process.poll() is None and time.time() < deadline, "training ended or stalled before its first checkpoint"
-        time.sleep(0.2)
+    first_done = wait_for_first_done_second_checkpointed(store, first, second, lambda: process.poll() is None)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert not (folder / "_done.json").exists()
-    [result] = train(preset, store, "exp", log=lambda line: None)
-    assert result["resumed_from"] >= 100 and result["resumed_from"] % 100 == 0, result
-    assert result["step"] == result["optimizer_steps"] == 600  # the optimizer state came back too
+    assert not store.exists(f"{second}/_done.json")
+    lines = []
+    results = train(preset, store, "exp", log=lines.append)
+    assert "train: 1 to fit, 1 Ray Train job(s), 1 at a time" in lines  # the finished one is skipped
+    assert store.read_bytes(f"{first}/_done.json") == first_done
+    assert results[1]["resumed_from"] >= 100 and results[1]["resumed_from"] % 100 == 0, results[1]
+    assert results[1]["step"] == results[1]["optimizer_steps"] == 600  # the optimizer state came back too
 
 
 def test_bad_input_names_what_is_at_fault(tmp_path):
