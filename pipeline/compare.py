@@ -20,7 +20,7 @@ reruns.parquet   every summary row of every rerun, in date order per (test, env,
 reruns.png       the imitator's final return and the verdict margin (ceiling exceedance in the
                  extrapolation test, in-context gain in transfer and control: the quantity whose CI
                  above 0 gives the positive verdict) against rerun date; one row of panels per env, one
-                 line per (test, group, cutoff, variant), 95% bootstrap CI bars where there are >= 2 seeds.
+                 line per (test, group, cutoff, variant), 95% CI bars (t-intervals) where there are >= 2 seeds.
 report.md        gets a last section "## Across reruns": the reruns compared, one table per test (each
                  cell: estimate [CI]; drift from the previous and from the first rerun), the figure. On
                  the first run of a preset in a store it says so instead.
@@ -273,7 +273,7 @@ def rerun_figure(table: pd.DataFrame, reruns: list[Rerun], preset_name: str, pat
                          "CI above 0 gives the positive verdict", fontsize=10)
     axes[-1, 0].set_xlabel("rerun (date)")
     axes[-1, 1].set_xlabel("rerun (date)")
-    fig.suptitle(f"Preset {preset_name}: key metrics across reruns (bars: 95% bootstrap CI over seeds)")
+    fig.suptitle(f"Preset {preset_name}: key metrics across reruns (bars: 95% t-interval over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     return path

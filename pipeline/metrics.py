@@ -19,10 +19,11 @@ Metric and Tune metric names are defined here once; the rest of the package impo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 # Tune / TensorBoard names each evaluation trial reports, once per finished episode (CleanRL style).
 EPISODIC_RETURN = "charts/episodic_return"
@@ -33,9 +34,8 @@ UNIT = "unit"  # in each episode's report: the trial_id of the unit (plan.TrialS
 
 # Defaults.
 WINDOW = 10  # episodes in a W-episode mean
-N_RESAMPLES = 10_000  # bootstrap resamples
-CONFIDENCE = 0.95  # two-sided percentile bootstrap interval
-BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95  # two-sided intervals over seeds (mean_ci, fieller_interval)
+BOOTSTRAP_SEED = 0  # the figures' bands (report/figures.py) are bootstrap intervals
 
 # Per-seed metrics (columns of the per-seed frame; estimates in the summary).
 L_C = "teacher_return_at_cutoff"  # mean of the teacher's last W episodes before the cutoff
@@ -277,32 +277,38 @@ def _finite(values: Iterable[float]) -> np.ndarray:
     return values[np.isfinite(values)]
 
 
-def _resamples(n: int, n_resamples: int, seed: int) -> np.ndarray:
-    """(n_resamples, n) indices drawn with replacement; the same for the same (n, n_resamples, seed)."""
-    return np.random.default_rng(seed).integers(n, size=(n_resamples, n))
+def _t_quantile(n: int, confidence: float) -> float:
+    return float(stats.t.ppf((1 + confidence) / 2, n - 1))
 
 
-def _percentiles(samples: np.ndarray, confidence: float) -> tuple[float, float]:
-    alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(samples, [alpha, 1.0 - alpha])
-    return float(low), float(high)
-
-
-def bootstrap_ci(values: Iterable[float], statistic: Callable[..., Any] = np.mean, n_resamples: int = N_RESAMPLES,
-                 confidence: float = CONFIDENCE, seed: int = BOOTSTRAP_SEED) -> tuple[float, float, float]:
-    """(statistic(values), low, high): percentile bootstrap over seeds, NaNs dropped.
-
-    `statistic` must reduce along `axis=-1` (numpy reductions do). Deterministic given `seed`.
-    With one value: (value's statistic, NaN, NaN), as one seed has no spread; with none: all NaN.
-    """
+def mean_ci(values: Iterable[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """(mean, low, high) over seeds, NaNs dropped: the two-sided Student-t interval. Chosen over the
+    percentile bootstrap because it covers at the few seeds a run has (measured in
+    tests/test_metrics.py, test_intervals_cover_at_the_seeds_runs_have; docs/design.md). One value:
+    (value, NaN, NaN), as one seed has no spread; none: all NaN."""
     values = _finite(values)
     if len(values) == 0:
         return float("nan"), float("nan"), float("nan")
-    estimate = float(statistic(values, axis=-1))
+    mean = float(values.mean())
     if len(values) < 2:
-        return estimate, float("nan"), float("nan")
-    samples = statistic(values[_resamples(len(values), n_resamples, seed)], axis=-1)  # (n_resamples,)
-    return (estimate, *_percentiles(samples, confidence))
+        return mean, float("nan"), float("nan")
+    half = _t_quantile(len(values), confidence) * float(values.std(ddof=1)) / np.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def fieller_interval(numerator: np.ndarray, denominator: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Fieller's interval for mean(numerator) / mean(denominator) over paired seeds: the ratios r for
+    which the t-interval of the paired differences numerator - r * denominator holds 0. (NaN, NaN)
+    unless the denominator's mean is significantly away from 0 (the interval is then unbounded)."""
+    n, q = len(numerator), _t_quantile(len(numerator), confidence)
+    (var_n, cov), (_, var_d) = np.cov(numerator, denominator, ddof=1) * q**2 / n  # of the means, times q^2
+    mean_n, mean_d = float(numerator.mean()), float(denominator.mean())
+    a, b, c = mean_d**2 - var_d, -2 * (mean_n * mean_d - cov), mean_n**2 - var_n  # a r^2 + b r + c <= 0
+    discriminant = b * b - 4 * a * c
+    if a <= 0 or discriminant < 0:
+        return float("nan"), float("nan")
+    root = np.sqrt(discriminant)
+    return float((-b - root) / (2 * a)), float((-b + root) / (2 * a))
 
 
 class RatioEstimate(NamedTuple):
@@ -312,11 +318,11 @@ class RatioEstimate(NamedTuple):
     reason: str  # "" when reported, else why the numbers are NaN
 
 
-def extrapolation_ratio(gain_imitator: Sequence[float], gain_teacher: Sequence[float], n_resamples: int = N_RESAMPLES,
-                        confidence: float = CONFIDENCE, seed: int = BOOTSTRAP_SEED) -> RatioEstimate:
-    """mean(gain_imitator) / mean(gain_teacher) over paired seeds, with a paired percentile bootstrap CI.
+def extrapolation_ratio(gain_imitator: Sequence[float], gain_teacher: Sequence[float],
+                        confidence: float = CONFIDENCE) -> RatioEstimate:
+    """mean(gain_imitator) / mean(gain_teacher) over paired seeds, with Fieller's interval.
 
-    Reported only where the teacher's gain is significantly positive (its bootstrap CI low > 0);
+    Reported only where the teacher's gain is significantly positive (its t-interval low > 0);
     seeds missing either gain are dropped from the pairing.
     """
     gi, gt = np.asarray(gain_imitator, dtype=np.float64), np.asarray(gain_teacher, dtype=np.float64)
@@ -325,13 +331,10 @@ def extrapolation_ratio(gain_imitator: Sequence[float], gain_teacher: Sequence[f
     nan = float("nan")
     if len(gt) < 2:
         return RatioEstimate(nan, nan, nan, f"fewer than 2 seeds with both gains ({len(gt)})")
-    _, teacher_low, _ = bootstrap_ci(gt, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    _, teacher_low, _ = mean_ci(gt, confidence)
     if not teacher_low > 0:
         return RatioEstimate(nan, nan, nan, f"teacher gain not significantly positive (CI low {teacher_low:.3g})")
-    index = _resamples(len(gt), n_resamples, seed)
-    with np.errstate(divide="ignore", invalid="ignore"):  # a resample may average the teacher gain to 0
-        samples = gi[index].mean(axis=-1) / gt[index].mean(axis=-1)  # (n_resamples,)
-    return RatioEstimate(float(gi.mean() / gt.mean()), *_percentiles(samples, confidence), "")
+    return RatioEstimate(float(gi.mean() / gt.mean()), *fieller_interval(gi, gt, confidence), "")
 
 
 def _plain(seed: Any) -> Any:
@@ -351,7 +354,7 @@ def missing_status(missing: Sequence[Any]) -> str:
 
 def verdict(imitator_final: Sequence[float], teacher_final: Sequence[float], ceiling: Sequence[float],
             seeds: Sequence[Any] | None = None, expected_seeds: Iterable[Any] | None = None,
-            n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE, seed: int = BOOTSTRAP_SEED) -> str:
+            confidence: float = CONFIDENCE) -> str:
     """EXTRAPOLATES, DOES_NOT, INCONCLUSIVE, or 'missing: seeds [...]', from paired per-seed values.
 
     The three sequences are aligned with `seeds` (default 0..n-1). A seed is present only if all
@@ -369,11 +372,10 @@ def verdict(imitator_final: Sequence[float], teacher_final: Sequence[float], cei
     missing = missing_seeds(seeds if expected_seeds is None else expected_seeds, present)
     if missing or not present:
         return missing_status(missing)
-    options = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
-    _, above_low, _ = bootstrap_ci(imitator - b_c, **options)
+    _, above_low, _ = mean_ci(imitator - b_c, confidence)
     if above_low > 0:
         return EXTRAPOLATES
-    _, _, behind_high = bootstrap_ci(imitator - teacher, **options)
+    _, _, behind_high = mean_ci(imitator - teacher, confidence)
     return DOES_NOT if behind_high < 0 else INCONCLUSIVE
 
 
@@ -397,14 +399,13 @@ class Verdict(NamedTuple):
     degrades: bool  # beside the rung: the imitator ends significantly below its own start
 
 
-def _interval(values: np.ndarray, options: dict) -> str:
-    estimate, low, high = bootstrap_ci(values, **options)
+def _interval(values: np.ndarray, confidence: float) -> str:
+    estimate, low, high = mean_ci(values, confidence)
     return f"{estimate:.3g} [{low:.3g}, {high:.3g}]"
 
 
 def extrapolation_verdict(rows: pd.DataFrame, expected_seeds: Iterable[Any], rules: VerdictRules = VerdictRules(),
-                          n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
-                          seed: int = BOOTSTRAP_SEED) -> Verdict:
+                          confidence: float = CONFIDENCE) -> Verdict:
     """The ladder over one comparison's per-seed rows (columns SEED, VERDICT_INPUTS and IN_DATA_RATIO),
     stopping at the first rung that applies:
       1 missing           an expected seed lacks a value the ladder needs (the in-data ratio too, where
@@ -412,8 +413,8 @@ def extrapolation_verdict(rows: pd.DataFrame, expected_seeds: Iterable[Any], rul
       2 not testable here the continued teacher's gain is not significantly above 0 (CI low <= 0)
       3 imitation failed  mean fidelity < rules.fidelity, or mean in-data ratio < rules.in_data
       4 extrapolates      the CI of imitator final - de-biased B_c is above 0
-      5 does not          the in-data control ran and passed, and the extrapolation ratio's CI upper
-                          bound is below rules.margin
+      5 does not          the in-data control ran and passed, and the extrapolation ratio's interval
+                          (Fieller's) lies below rules.margin
       6 inconclusive      otherwise; the reason gives the largest ratio the interval leaves open
     Beside the rung, degrades: the CI of the imitator's final minus its first-W return is below 0."""
     values = {c: rows[c].to_numpy(dtype=np.float64) for c in (*VERDICT_INPUTS, IN_DATA_RATIO)}
@@ -423,19 +424,19 @@ def extrapolation_verdict(rows: pd.DataFrame, expected_seeds: Iterable[Any], rul
     missing = missing_seeds(expected_seeds, rows[SEED][complete])
     if missing or not complete.any():
         return Verdict(missing_status(missing), "the ladder needs every expected seed", False)
-    options = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
-    degrades = bootstrap_ci(values[IMITATOR_DRIFT], **options)[2] < 0
+    values = {name: column[complete] for name, column in values.items()}
+    degrades = mean_ci(values[IMITATOR_DRIFT], confidence)[2] < 0
     said = lambda rung, reason: Verdict(rung, reason, bool(degrades))  # noqa: E731
-    if not bootstrap_ci(values[GAIN_TEACHER], **options)[1] > 0:
-        return said(NOT_TESTABLE, f"continued teacher's gain {_interval(values[GAIN_TEACHER], options)} is not above 0")
+    if not mean_ci(values[GAIN_TEACHER], confidence)[1] > 0:
+        return said(NOT_TESTABLE, f"continued teacher's gain {_interval(values[GAIN_TEACHER], confidence)} is not above 0")
     fidelity, in_data = float(np.mean(values[FIDELITY])), float(np.mean(values[IN_DATA_RATIO])) if has_in_data else None
     if fidelity < rules.fidelity:
         return said(IMITATION_FAILED, f"fidelity {fidelity:.2f} < {rules.fidelity:g}")
     if in_data is not None and in_data < rules.in_data:
         return said(IMITATION_FAILED, f"in-data ratio {in_data:.2f} < {rules.in_data:g}")
-    if bootstrap_ci(values[CEILING_EXCEEDANCE], **options)[1] > 0:
-        return said(EXTRAPOLATES, f"imitator final - de-biased B_c {_interval(values[CEILING_EXCEEDANCE], options)} is above 0")
-    found = extrapolation_ratio(values[GAIN_IMITATOR], values[GAIN_TEACHER], **options)
+    if mean_ci(values[CEILING_EXCEEDANCE], confidence)[1] > 0:
+        return said(EXTRAPOLATES, f"imitator final - de-biased B_c {_interval(values[CEILING_EXCEEDANCE], confidence)} is above 0")
+    found = extrapolation_ratio(values[GAIN_IMITATOR], values[GAIN_TEACHER], confidence)
     ratio_text = f"extrapolation ratio {found.estimate:.2f} [{found.low:.2f}, {found.high:.2f}]"
     if in_data is None:
         return said(INCONCLUSIVE, f"{ratio_text}, but imitation is not verified: no in-data control")
@@ -445,11 +446,10 @@ def extrapolation_verdict(rows: pd.DataFrame, expected_seeds: Iterable[Any], rul
 
 
 def summarise(per_seed: pd.DataFrame, by: Sequence[str] = (ENV, CUTOFF), expected_seeds: Iterable[Any] | None = None,
-              n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE, seed: int = BOOTSTRAP_SEED,
-              rules: VerdictRules = VerdictRules()) -> pd.DataFrame:
+              confidence: float = CONFIDENCE, rules: VerdictRules = VerdictRules()) -> pd.DataFrame:
     """One row per group (default (env, cutoff)) from one row per (group, seed).
 
-    Columns: the group keys; N_SEEDS; for each per-seed metric present, its bootstrap estimate,
+    Columns: the group keys; N_SEEDS; for each per-seed metric present, its mean with a t-interval,
     `_low`, `_high` and `_n` (finite seeds); the extrapolation ratio with its CI and
     EXTRAPOLATION_RATIO_REASON; and, when the frame has the verdict's inputs (final returns of
     imitator and teacher, ceiling exceedance, fidelity...), MISSING_SEEDS and the ladder's VERDICT,
@@ -461,22 +461,21 @@ def summarise(per_seed: pd.DataFrame, by: Sequence[str] = (ENV, CUTOFF), expecte
         twice = per_seed[duplicated][[*by, SEED]].values.tolist()
         raise ValueError(f"summarise: more than one row per ({', '.join(by)}, seed): {twice}")
     expected = sorted({_plain(s) for s in per_seed[SEED]}) if expected_seeds is None else list(expected_seeds)
-    options = dict(n_resamples=n_resamples, confidence=confidence, seed=seed)
     metrics = [m for m in PER_SEED_METRICS if m in per_seed.columns]
     rows = []
     for keys, group in per_seed.groupby(list(by), dropna=False, sort=True):
         row: dict[str, Any] = dict(zip(by, keys))
         row[N_SEEDS] = int(group[SEED].nunique())
         for metric in metrics:
-            row.update(zip(ci_columns(metric), bootstrap_ci(group[metric], **options)))
+            row.update(zip(ci_columns(metric), mean_ci(group[metric], confidence)))
             row[metric + COUNT] = int(np.isfinite(group[metric].to_numpy(dtype=np.float64)).sum())
         if GAIN_IMITATOR in group and GAIN_TEACHER in group:
-            estimate = extrapolation_ratio(group[GAIN_IMITATOR], group[GAIN_TEACHER], **options)
+            estimate = extrapolation_ratio(group[GAIN_IMITATOR], group[GAIN_TEACHER], confidence)
             row.update(zip(ci_columns(EXTRAPOLATION_RATIO), estimate[:3]))
             row[EXTRAPOLATION_RATIO_REASON] = estimate.reason
         if all(column in group for column in (*VERDICT_INPUTS, IN_DATA_RATIO)):
             inputs = group[list(VERDICT_INPUTS)].to_numpy(dtype=np.float64)
             row[MISSING_SEEDS] = missing_seeds(expected, group[SEED][np.isfinite(inputs).all(axis=1)])
-            row[VERDICT], row[VERDICT_REASON], row[DEGRADES] = extrapolation_verdict(group, expected, rules, **options)
+            row[VERDICT], row[VERDICT_REASON], row[DEGRADES] = extrapolation_verdict(group, expected, rules, confidence)
         rows.append(row)
     return pd.DataFrame(rows)

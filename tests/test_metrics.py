@@ -12,7 +12,7 @@ from pipeline.metrics import (B_C, B_C_DEBIASED, CEILING_EXCEEDANCE, COUNT, CUTO
                               GAIN_IMITATOR, GAIN_TEACHER, IMITATION_FAILED, IMITATOR_DRIFT, IN_DATA_RATIO,
                               INCONCLUSIVE, L_C, MISSING, MISSING_SEEDS, N_SEEDS, NOT_TESTABLE, SEED,
                               SNAPSHOT_FIDELITY, VERDICT_REASON, Curve, VerdictRules, auc, best_window_mean,
-                              bootstrap_ci, ci_columns, debiased_best_window_mean, extrapolation_ratio,
+                              ci_columns, debiased_best_window_mean, extrapolation_ratio, fieller_interval, mean_ci,
                               extrapolation_verdict, final_window_mean, first_window_mean, last_window_mean,
                               per_seed_metrics, summarise, transfer_auc_ratio, verdict, window_mean)
 
@@ -145,26 +145,48 @@ def test_transfer_auc_ratio():
     assert nan(transfer_auc_ratio(curve([2.0] * 10), curve([0.0] * 10), 200))
 
 
-# --- bootstrap ------------------------------------------------------------------------------------
+# --- intervals ------------------------------------------------------------------------------------
 
 
-def test_bootstrap_ci_contains_the_mean_narrows_with_seeds_and_is_deterministic():
+def test_mean_ci_is_the_t_interval_and_narrows_with_seeds():
     few = np.array([8.3, 12.1, 9.4, 11.7, 10.2])
-    many = np.tile(few, 20)  # the same spread over 20x the seeds: the CI should shrink ~sqrt(20)x
-    estimate, low, high = bootstrap_ci(few)
-    assert estimate == pytest.approx(few.mean()) and low < estimate < high
-    _, low_many, high_many = bootstrap_ci(many)
+    estimate, low, high = mean_ci(few)
+    half = 2.776 * few.std(ddof=1) / np.sqrt(5)  # t(0.975, 4 df)
+    assert estimate == pytest.approx(few.mean()) and (low, high) == pytest.approx((few.mean() - half, few.mean() + half), rel=1e-3)
+    _, low_many, high_many = mean_ci(np.tile(few, 20))  # the same spread over 20x the seeds
     assert high_many - low_many < (high - low) / 3
-    assert bootstrap_ci(few, seed=3) == bootstrap_ci(few, seed=3)
-    assert bootstrap_ci(few, seed=3) != bootstrap_ci(few, seed=4)
-    assert bootstrap_ci(few, statistic=np.median)[0] == pytest.approx(np.median(few))
 
 
-def test_bootstrap_ci_drops_nans_and_needs_two_values_for_bounds():
-    assert bootstrap_ci([1.0, np.nan, 3.0])[0] == 2.0
-    estimate, low, high = bootstrap_ci([4.0, np.nan])
+def test_mean_ci_drops_nans_and_needs_two_values_for_bounds():
+    assert mean_ci([1.0, np.nan, 3.0])[0] == 2.0
+    estimate, low, high = mean_ci([4.0, np.nan])
     assert estimate == 4.0 and nan(low) and nan(high)
-    assert all(nan(x) for x in bootstrap_ci([]))
+    assert all(nan(x) for x in mean_ci([]))
+
+
+# Per-seed metrics are roughly normal, heavy-tailed or skewed; at the seeds runs have, the 95%
+# interval must hold the true mean at least 90% of the time (issue #14). The percentile bootstrap
+# the report used before covered 72-84% at 5 seeds on these.
+SHAPES = {"normal": lambda rng, n: rng.normal(0, 1, n), "t, 3 df": lambda rng, n: rng.standard_t(3, n),
+          "skewed": lambda rng, n: rng.lognormal(0, 0.5, n) - np.exp(0.125)}
+
+
+@pytest.mark.parametrize("n", [3, 5, 10])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_intervals_cover_at_the_seeds_runs_have(shape, n):
+    rng, runs = np.random.default_rng(7), 4000
+    covered = sum(low <= 0 <= high for _, low, high in (mean_ci(SHAPES[shape](rng, n)) for _ in range(runs)))
+    assert covered / runs >= 0.90, covered / runs
+
+
+def test_the_ratio_interval_covers_the_ratio_of_mean_gains():
+    rng, runs, covered = np.random.default_rng(3), 2000, 0
+    for _ in range(runs):
+        teacher = rng.normal(100, 30, 5)  # the continued teacher's gains: mean 100
+        imitator = 0.3 * teacher + rng.normal(0, 20, 5)  # the imitator keeps 30% of them, noisily
+        low, high = fieller_interval(imitator, teacher)
+        covered += low <= 0.3 <= high
+    assert covered / runs >= 0.90
 
 
 def test_extrapolation_ratio_reported_only_for_a_significant_teacher_gain():
@@ -197,7 +219,7 @@ def seed_rows(imitator_final, teacher_final, pre_cutoff_best=100.0, imitator_sta
 
 
 def ladder(frame: pd.DataFrame, **kwargs):
-    return extrapolation_verdict(frame, kwargs.pop("expected_seeds", frame[SEED].tolist()), n_resamples=2000, **kwargs)
+    return extrapolation_verdict(frame, kwargs.pop("expected_seeds", frame[SEED].tolist()), **kwargs)
 
 
 def test_an_imitator_above_its_ceiling_extrapolates():

@@ -142,7 +142,7 @@ def world():
 @pytest.fixture(scope="module")
 def report(world, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("report")
-    return build_report(*world, str(out_dir), n_resamples=2000)
+    return build_report(*world, str(out_dir))
 
 
 def table_after(markdown: str, heading: str) -> list[dict[str, str]]:
@@ -377,6 +377,6 @@ def test_a_grid_with_only_the_positive_control_reports_it(tmp_path):
     world = World()
     world.control(*DARKROOM)
     trials, episodes, _ = world.frames()
-    summary = build_report(trials, episodes, pd.DataFrame(columns=list(HISTORY_COLUMNS)), str(tmp_path), n_resamples=200)
+    summary = build_report(trials, episodes, pd.DataFrame(columns=list(HISTORY_COLUMNS)), str(tmp_path))
     rows = table_after(read(summary.path_md), "Positive control")
     assert [r["verdict"].strip("*") for r in rows] == [LEARNS_IN_CONTEXT]

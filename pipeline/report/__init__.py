@@ -51,9 +51,10 @@ Outputs (in out_dir)
 metrics.parquet   one row per (test, env, group, cutoff, variant, seed): the per-seed metrics
                   (column names from pipeline.metrics), arm statuses `status_<arm>`, trial ids
                   `trial_<arm>`, the cutoff step and horizon.
-summary.parquet   one row per (test, env, group, cutoff, variant): each metric's bootstrap
-                  estimate, `_low`, `_high`, `_n`; the extrapolation ratio and its reason; verdict,
-                  its reason and the degrades flag, missing seeds and missing trials.
+summary.parquet   one row per (test, env, group, cutoff, variant): each metric's mean over seeds
+                  with its t-interval `_low`, `_high` and `_n`; the extrapolation ratio (Fieller's
+                  interval) and its reason; verdict, its reason and the degrades flag, missing seeds
+                  and missing trials.
 report.md         verdict paragraph, one verdict table per test, the positive control, the figures.
 *.png             curves_*: the extrapolation test per (env, group, cutoff); transfer_* and
                   control_*: arms on held-out tasks; context_*: ratio and ceiling exceedance

@@ -41,7 +41,7 @@ from pipeline.report.tables import (COMPARISON, CONTEXT, CONTEXT_STEPS, CUTOFF_S
                                     PRIME_STEP, SIZE, STATUS_OF, TASK_ID, TEST, TRIAL_OF, VARIANT, RecordedCurve)
 
 FIGSIZE, DPI, GRID_POINTS = (11.5, 5), 120, 300  # wide enough for the legend right of the axes
-BAND_RESAMPLES = 2000  # bootstrap resamples of the bands drawn in figures (the table uses n_resamples)
+BAND_RESAMPLES = 2000  # bootstrap resamples of the bands drawn in figures (the tables use t-intervals)
 HISTORY_COLOR = "tab:blue"  # the teacher's recorded history
 ARM_LINE = dict(linewidth=1.8, zorder=2)
 HISTORY_LINE = dict(linewidth=1.2, zorder=3)  # thinner and above the arms: the continued teacher may retrace it
@@ -70,7 +70,7 @@ def on_grid(curve: Curve | None, grid: np.ndarray, window: int) -> np.ndarray:
 def mean_band(values: np.ndarray, n_resamples: int = BAND_RESAMPLES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """values (S seeds, G grid points) -> mean over the seeds with data, and its 95% percentile bootstrap band.
 
-    The bootstrap of metrics.bootstrap_ci, vectorised over grid points: a resample of seeds is a row of
+    A percentile bootstrap over seeds, vectorised over grid points: a resample of seeds is a row of
     multinomial counts, so its mean at every grid point is one matrix product. One seed: no band.
     """
     seeds = len(values)

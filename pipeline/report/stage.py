@@ -21,7 +21,7 @@ from pipeline import layout
 from pipeline.arms import EXTRAPOLATION, IMITATOR, TESTS
 from pipeline.compare import across_reruns
 from pipeline.history import TeacherHistory
-from pipeline.metrics import (CUTOFF, ENV, ENV_STEPS, EPISODIC_RETURN, N_RESAMPLES, SEED, TRIAL_FINISHED, UNIT, WINDOW,
+from pipeline.metrics import (CUTOFF, ENV, ENV_STEPS, EPISODIC_RETURN, SEED, TRIAL_FINISHED, UNIT, WINDOW,
                               Curve, VerdictRules)
 from pipeline.plan import TrialSpec, imitator_specs, trial_batches, trial_specs
 from pipeline.report.figures import draw_figures
@@ -44,7 +44,7 @@ class ReportSummary:
 
 
 def build_report(trials: pd.DataFrame, episodes: pd.DataFrame, histories: pd.DataFrame, out_dir: str, *,
-                 window: int = WINDOW, n_resamples: int = N_RESAMPLES, rules: VerdictRules | None = None) -> ReportSummary:
+                 window: int = WINDOW, rules: VerdictRules | None = None) -> ReportSummary:
     """Metrics, summary with bootstrap CIs and verdicts, figures and report.md in `out_dir` (the column
     contract and the outputs: pipeline/report/__init__.py). Malformed frames raise ReportError."""
     trials = normalise_trials(trials)
@@ -53,7 +53,7 @@ def build_report(trials: pd.DataFrame, episodes: pd.DataFrame, histories: pd.Dat
     curves, teacher_histories = trial_curves(trials, episodes), history_curves(histories)
     per_seed = per_seed_frame(trials, curves, teacher_histories, window)
     rules = rules or VerdictRules()
-    summary = summary_frame(per_seed, n_resamples, rules)
+    summary = summary_frame(per_seed, rules)
     os.makedirs(out_dir, exist_ok=True)
     path_metrics, path_summary = os.path.join(out_dir, METRICS_FILE), os.path.join(out_dir, SUMMARY_FILE)
     per_seed.to_parquet(path_metrics, index=False)

@@ -16,7 +16,7 @@ from pipeline.metrics import (COUNT, CUTOFF, DEGRADES, ENV, ENV_STEPS, EPISODIC_
                               EXTRAPOLATION_RATIO_REASON, FINAL_IMITATOR, FINAL_RANDOM, FINAL_TEACHER,
                               FIRST_IMITATOR, GAIN_IMITATOR, GAIN_TEACHER, MISSING, MISSING_SEEDS, N_SEEDS,
                               PER_SEED_METRICS, SEED, TRANSFER_AUC_RATIO, VERDICT, VERDICT_REASON, Curve, VerdictRules,
-                              bootstrap_ci, ci_columns, missing_seeds, per_seed_metrics, summarise, transfer_auc_ratio,
+                              ci_columns, mean_ci, missing_seeds, per_seed_metrics, summarise, transfer_auc_ratio,
                               verdict)
 
 HISTORY = "history"  # the teacher's recorded history, a required input of the extrapolation test
@@ -233,28 +233,28 @@ def missing_trials(group: pd.DataFrame) -> str:
     return "; ".join(parts)
 
 
-def transfer_verdict(group: pd.DataFrame, seeds: list[int], n_resamples: int) -> tuple[list[int], str]:
+def transfer_verdict(group: pd.DataFrame, seeds: list[int]) -> tuple[list[int], str]:
     """metrics.verdict with the imitator's first-W return as the bar: did it improve in context?"""
     values = [group[c].to_numpy(dtype=np.float64) for c in (FINAL_IMITATOR, FINAL_TEACHER, FIRST_IMITATOR)]
     complete = group[SEED][np.isfinite(np.vstack(values)).all(axis=0)]
-    said = verdict(*values, seeds=group[SEED].tolist(), expected_seeds=seeds, n_resamples=n_resamples)
+    said = verdict(*values, seeds=group[SEED].tolist(), expected_seeds=seeds)
     return missing_seeds(seeds, complete), LEARNS_IN_CONTEXT if said == EXTRAPOLATES else said
 
 
-def summarise_group(group: pd.DataFrame, n_resamples: int, rules: VerdictRules) -> dict[str, Any]:
+def summarise_group(group: pd.DataFrame, rules: VerdictRules) -> dict[str, Any]:
     """One summary row: metrics.summarise over the group's seeds, with its own expected seeds."""
     test, seeds = group[TEST].iloc[0], sorted(group[SEED].tolist())
     metrics = EXTRAPOLATION_METRICS if test == EXTRAPOLATION else TRANSFER_METRICS
     row = summarise(group[[*GROUP_KEYS, SEED, *metrics]], by=GROUP_KEYS, expected_seeds=seeds,
-                    n_resamples=n_resamples, rules=rules).iloc[0].to_dict()
+                    rules=rules).iloc[0].to_dict()
     row[VARIANT] = group[VARIANT].iloc[0]
-    row.update(zip(ci_columns(IN_CONTEXT_GAIN), bootstrap_ci(group[IN_CONTEXT_GAIN], n_resamples=n_resamples)))
+    row.update(zip(ci_columns(IN_CONTEXT_GAIN), mean_ci(group[IN_CONTEXT_GAIN])))
     row[IN_CONTEXT_GAIN + COUNT] = int(np.isfinite(group[IN_CONTEXT_GAIN].to_numpy(dtype=np.float64)).sum())
     if test == EXTRAPOLATION:
         gains = group[[GAIN_IMITATOR, GAIN_TEACHER]].to_numpy(dtype=np.float64)
         row[EXTRAPOLATION_RATIO + COUNT] = int(np.isfinite(gains).all(axis=1).sum())  # seeds the ratio pairs
     else:
-        row[MISSING_SEEDS], row[VERDICT] = transfer_verdict(group, seeds, n_resamples)
+        row[MISSING_SEEDS], row[VERDICT] = transfer_verdict(group, seeds)
         row[VERDICT_REASON], row[DEGRADES] = "", False
         row[EXTRAPOLATION_RATIO_REASON] = f"not part of the {test} test"
     row[MISSING_TRIALS] = missing_trials(group)
@@ -267,9 +267,9 @@ def summary_columns() -> list[str]:
             *ci_columns(EXTRAPOLATION_RATIO), EXTRAPOLATION_RATIO + COUNT, EXTRAPOLATION_RATIO_REASON]
 
 
-def summary_frame(per_seed: pd.DataFrame, n_resamples: int, rules: VerdictRules = VerdictRules()) -> pd.DataFrame:
+def summary_frame(per_seed: pd.DataFrame, rules: VerdictRules = VerdictRules()) -> pd.DataFrame:
     """summary.parquet: one row per (test, env, group, cutoff, variant), tests in TESTS order."""
-    rows = [summarise_group(group, n_resamples, rules) for _, group in per_seed.groupby(list(GROUP_KEYS), sort=False)]
+    rows = [summarise_group(group, rules) for _, group in per_seed.groupby(list(GROUP_KEYS), sort=False)]
     frame = pd.DataFrame(rows).reindex(columns=summary_columns())
     counts = [c for c in frame.columns if c.endswith(COUNT)]
     frame[counts] = frame[counts].fillna(0).astype(int)  # 0 finite seeds where a metric is not part of the test

@@ -153,7 +153,7 @@ HOW_TO_READ = f"""\
 - **ceiling exceedance** = imitator final - B_c; above 0 with its CI means the imitator got better than anything
   in its training data. **snapshot fidelity** = imitator's first-W return / L_c (1: it starts where the teacher was).
 - **transfer AUC ratio** = area under the imitator's curve / the scratch teacher's, over the same H steps.
-- Brackets are {CONFIDENCE:.0%} percentile bootstrap intervals over seeds (teacher seeds, or held-out task
+- Brackets are {CONFIDENCE:.0%} Student-t intervals over seeds (Fieller's for the ratio; teacher seeds, or held-out task
   indices); "(k/N seeds)" marks a value computed on fewer seeds than expected.
 - **verdict** (extrapolation), the first rung of this ladder that applies, with its numbers beside it:
   *{MISSING}*: a seed lacks a value the ladder needs; *{NOT_TESTABLE}*: the continued teacher's gain over L_c is not
