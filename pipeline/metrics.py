@@ -401,7 +401,7 @@ class Verdict(NamedTuple):
 
 def _interval(values: np.ndarray, confidence: float) -> str:
     estimate, low, high = mean_ci(values, confidence)
-    return f"{estimate:.3g} [{low:.3g}, {high:.3g}]"
+    return f"{estimate:.3g} [{low:.3g}, {high:.3g}]" if np.isfinite(low) else f"{estimate:.3g} (one seed: no interval)"
 
 
 def extrapolation_verdict(rows: pd.DataFrame, expected_seeds: Iterable[Any], rules: VerdictRules = VerdictRules(),

@@ -428,7 +428,7 @@ def entrypoint_options(entrypoint: str) -> dict[str, list[str]]:
 @pytest.mark.parametrize("where,entrypoint", ENTRYPOINTS, ids=[w for w, _ in ENTRYPOINTS])
 def test_entrypoint_runs_a_shipped_preset_on_s3(where, entrypoint):
     from pipeline.config import load_preset
-    from pipeline.evaluate import trial_specs
+    from pipeline.plan import trial_batches, trial_specs
 
     options = entrypoint_options(entrypoint)
     (preset_name,) = options["--preset"]
@@ -439,7 +439,7 @@ def test_entrypoint_runs_a_shipped_preset_on_s3(where, entrypoint):
     assert experiment == f"{preset_name}-@DATE@", f"each run gets its own dated experiment: {preset_name}-{DATE}"
     preset = load_preset(preset_name, overrides=options.get("--set", []))  # the overrides are valid keys and values
     # Tune asks for every trial at once, so that the autoscaler adds the nodes to run them.
-    assert preset.evaluate.max_concurrent_trials >= len(trial_specs(preset))
+    assert preset.evaluate.max_concurrent_trials >= len(trial_batches(trial_specs(preset), preset.evaluate.lockstep))
     assert preset.collect.num_actors == sum(len(g.seeds) * len(g.tasks) for g in preset.collect.teachers.values())
 
 

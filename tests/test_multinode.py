@@ -206,7 +206,7 @@ def test_smoke_preset_runs_on_a_two_node_cluster_through_submit(cluster, tmp_pat
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
     assert re.search(r"submit: job cutoff-ms-\w+ SUCCEEDED", output), output[-3000:]
-    for stage in ("collect: done", "train: done", "evaluate: 7/7 trials finished", "report: "):
+    for stage in ("collect: done", "train: done", "evaluate: 8/8 trials finished", "report: "):
         assert stage in output, stage
 
     check_smoke_report(store / "ms" / "report")
@@ -231,10 +231,11 @@ def check_smoke_report(folder: Path) -> None:
     lines = sorted(zip(summary["test"], summary["env"], summary["group"], summary["cutoff"]))
     assert lines == [("extrapolation", "DarkRoom-v0", "darkroom", 0.5), ("transfer", "DarkRoom-v0", "darkroom", 0.5)]
     # evaluate.imitators.darkroom has teachers 1 and heldout 1: one seed per line, every trial of it
-    # delivered (so no "missing" anywhere), and one seed gives no interval, so no verdict either way.
+    # delivered (so no "missing" anywhere), and one seed gives no interval: the ladder cannot show
+    # that the continued teacher improved (not testable here), transfer draws no verdict either way.
     assert summary["n_seeds"].tolist() == [1, 1]
     assert summary["missing_trials"].tolist() == ["", ""] and all(len(seeds) == 0 for seeds in summary["missing_seeds"])
-    assert summary["verdict"].tolist() == ["inconclusive", "inconclusive"]
+    assert summary["verdict"].tolist() == ["not testable here", "inconclusive"]
     for column in ("final_return_imitator", "final_return_teacher", "first_return_imitator"):
         assert np.isfinite(summary[column]).all(), column
 
@@ -246,6 +247,6 @@ def check_smoke_report(folder: Path) -> None:
         assert len(rows) == 1, table
         cells = rows[0]
         assert cells[:5] == ["DarkRoom-v0", "darkroom", "0.5", row["variant"], "1/1"], cells
-        assert cells[-2:] == [f"**{row['verdict']}**", "none"], cells
+        assert cells[-2].startswith(f"**{row['verdict']}**") and cells[-1] == "none", cells
     assert "| DarkRoom-v0 |" not in section(report, "control")
     assert "first run of preset `smoke` in this store" in report
