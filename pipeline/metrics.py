@@ -81,7 +81,8 @@ IMITATION_FAILED = "imitation failed"
 EXTRAPOLATES = "extrapolates"
 DOES_NOT = "does not"
 INCONCLUSIVE = "inconclusive"
-VERDICT_INPUTS = (FINAL_IMITATOR, FINAL_TEACHER, GAIN_TEACHER, GAIN_IMITATOR, CEILING_EXCEEDANCE, FIDELITY, IMITATOR_DRIFT)
+VERDICT_INPUTS = (FINAL_IMITATOR, FINAL_TEACHER, GAIN_TEACHER, GAIN_IMITATOR, CEILING_EXCEEDANCE, IMITATOR_DRIFT)
+IMITATION_CHECKS = (FIDELITY, IN_DATA_RATIO)  # ratios undefined for a seed whose denominator is 0
 
 
 def ci_columns(metric: str) -> tuple[str, str, str]:
@@ -406,42 +407,47 @@ def _interval(values: np.ndarray, confidence: float) -> str:
 
 def extrapolation_verdict(rows: pd.DataFrame, expected_seeds: Iterable[Any], rules: VerdictRules = VerdictRules(),
                           confidence: float = CONFIDENCE) -> Verdict:
-    """The ladder over one comparison's per-seed rows (columns SEED, VERDICT_INPUTS and IN_DATA_RATIO),
+    """The ladder over one comparison's per-seed rows (columns SEED, VERDICT_INPUTS, IMITATION_CHECKS),
     stopping at the first rung that applies:
-      1 missing           an expected seed lacks a value the ladder needs (the in-data ratio too, where
-                          any seed has one)
+      1 missing           an expected seed lacks one of VERDICT_INPUTS (a trial or history it needs)
       2 not testable here the continued teacher's gain is not significantly above 0 (CI low <= 0)
-      3 imitation failed  mean fidelity < rules.fidelity, or mean in-data ratio < rules.in_data
+      3 imitation failed  mean fidelity < rules.fidelity, or mean in-data ratio < rules.in_data, over
+                          the seeds where each is defined (not where the teacher's return at the cutoff
+                          equals random's, or where it did not change from c' to c)
       4 extrapolates      the CI of imitator final - de-biased B_c is above 0
-      5 does not          the in-data control ran and passed, and the extrapolation ratio's interval
-                          (Fieller's) lies below rules.margin
-      6 inconclusive      otherwise; the reason gives the largest ratio the interval leaves open
+      5 does not          both checks of rung 3 were made and passed, and the extrapolation ratio's
+                          interval (Fieller's) lies below rules.margin
+      6 inconclusive      otherwise; the reason gives the largest ratio the interval leaves open, or
+                          which check of rung 3 could not be made
     Beside the rung, degrades: the CI of the imitator's final minus its first-W return is below 0."""
-    values = {c: rows[c].to_numpy(dtype=np.float64) for c in (*VERDICT_INPUTS, IN_DATA_RATIO)}
-    has_in_data = bool(np.isfinite(values[IN_DATA_RATIO]).any())
-    needed = [*VERDICT_INPUTS, *([IN_DATA_RATIO] if has_in_data else [])]
-    complete = np.logical_and.reduce([np.isfinite(values[c]) for c in needed])
+    complete = np.logical_and.reduce([np.isfinite(rows[c].to_numpy(dtype=np.float64)) for c in VERDICT_INPUTS])
     missing = missing_seeds(expected_seeds, rows[SEED][complete])
     if missing or not complete.any():
         return Verdict(missing_status(missing), "the ladder needs every expected seed", False)
-    values = {name: column[complete] for name, column in values.items()}
+    values = {c: rows[c].to_numpy(dtype=np.float64)[complete] for c in (*VERDICT_INPUTS, *IMITATION_CHECKS)}
     degrades = mean_ci(values[IMITATOR_DRIFT], confidence)[2] < 0
     said = lambda rung, reason: Verdict(rung, reason, bool(degrades))  # noqa: E731
     if not mean_ci(values[GAIN_TEACHER], confidence)[1] > 0:
         return said(NOT_TESTABLE, f"continued teacher's gain {_interval(values[GAIN_TEACHER], confidence)} is not above 0")
-    fidelity, in_data = float(np.mean(values[FIDELITY])), float(np.mean(values[IN_DATA_RATIO])) if has_in_data else None
-    if fidelity < rules.fidelity:
-        return said(IMITATION_FAILED, f"fidelity {fidelity:.2f} < {rules.fidelity:g}")
-    if in_data is not None and in_data < rules.in_data:
-        return said(IMITATION_FAILED, f"in-data ratio {in_data:.2f} < {rules.in_data:g}")
+    checks = {}  # check -> (mean over the seeds where it is defined, text)
+    for check, threshold in ((FIDELITY, rules.fidelity), (IN_DATA_RATIO, rules.in_data)):
+        defined = values[check][np.isfinite(values[check])]
+        if len(defined):
+            name = "fidelity" if check == FIDELITY else "in-data ratio"
+            seeds = "" if len(defined) == len(values[check]) else f" (over {len(defined)} of {len(values[check])} seeds)"
+            checks[check] = (float(defined.mean()), f"{name} {defined.mean():.2f}{seeds}")
+            if defined.mean() < threshold:
+                return said(IMITATION_FAILED, f"{checks[check][1]} < {threshold:g}")
     if mean_ci(values[CEILING_EXCEEDANCE], confidence)[1] > 0:
         return said(EXTRAPOLATES, f"imitator final - de-biased B_c {_interval(values[CEILING_EXCEEDANCE], confidence)} is above 0")
     found = extrapolation_ratio(values[GAIN_IMITATOR], values[GAIN_TEACHER], confidence)
     ratio_text = f"extrapolation ratio {found.estimate:.2f} [{found.low:.2f}, {found.high:.2f}]"
-    if in_data is None:
-        return said(INCONCLUSIVE, f"{ratio_text}, but imitation is not verified: no in-data control")
+    unchecked = [what for check, what in ((FIDELITY, "no fidelity (L_c at random's level)"),
+                                          (IN_DATA_RATIO, "no in-data control")) if check not in checks]
+    if unchecked:
+        return said(INCONCLUSIVE, f"{ratio_text}, but imitation is not verified: {', '.join(unchecked)}")
     if found.high < rules.margin:
-        return said(DOES_NOT, f"{ratio_text} is below {rules.margin:g}; fidelity {fidelity:.2f}, in-data ratio {in_data:.2f}")
+        return said(DOES_NOT, f"{ratio_text} is below {rules.margin:g}; {checks[FIDELITY][1]}, {checks[IN_DATA_RATIO][1]}")
     return said(INCONCLUSIVE, f"{ratio_text}: ratios up to {found.high:.2f} are not ruled out at n = {int(complete.sum())}")
 
 
@@ -473,7 +479,7 @@ def summarise(per_seed: pd.DataFrame, by: Sequence[str] = (ENV, CUTOFF), expecte
             estimate = extrapolation_ratio(group[GAIN_IMITATOR], group[GAIN_TEACHER], confidence)
             row.update(zip(ci_columns(EXTRAPOLATION_RATIO), estimate[:3]))
             row[EXTRAPOLATION_RATIO_REASON] = estimate.reason
-        if all(column in group for column in (*VERDICT_INPUTS, IN_DATA_RATIO)):
+        if all(column in group for column in (*VERDICT_INPUTS, *IMITATION_CHECKS)):
             inputs = group[list(VERDICT_INPUTS)].to_numpy(dtype=np.float64)
             row[MISSING_SEEDS] = missing_seeds(expected, group[SEED][np.isfinite(inputs).all(axis=1)])
             row[VERDICT], row[VERDICT_REASON], row[DEGRADES] = extrapolation_verdict(group, expected, rules, confidence)

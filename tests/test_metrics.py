@@ -309,3 +309,13 @@ def test_summarise_rejects_duplicate_seeds():
     frame = seed_rows(imitator_final=[100] * 5, teacher_final=[100] * 5)
     with pytest.raises(ValueError, match="more than one row"):
         summarise(pd.concat([frame, frame.iloc[:1]]))
+
+
+def test_an_undefined_fidelity_or_in_data_ratio_is_left_out_not_called_missing():
+    frame = seed_rows(imitator_final=[99, 101, 100, 98, 102], teacher_final=[195, 205, 200, 210, 190])
+    frame.loc[frame[SEED] == 2, FIDELITY] = np.nan  # that teacher ended its pre-cutoff history at random's level
+    found = ladder(frame)
+    assert found.said == DOES_NOT and "fidelity 1.00 (over 4 of 5 seeds)" in found.reason
+    frame[FIDELITY] = np.nan
+    found = ladder(frame)
+    assert found.said == INCONCLUSIVE and "not verified: no fidelity" in found.reason
