@@ -35,7 +35,6 @@ UNIT = "unit"  # in each episode's report: the trial_id of the unit (plan.TrialS
 # Defaults.
 WINDOW = 10  # episodes in a W-episode mean
 CONFIDENCE = 0.95  # two-sided intervals over seeds (mean_ci, fieller_interval)
-BOOTSTRAP_SEED = 0  # the figures' bands (report/figures.py) are bootstrap intervals
 
 # Per-seed metrics (columns of the per-seed frame; estimates in the summary).
 L_C = "teacher_return_at_cutoff"  # mean of the teacher's last W episodes before the cutoff
@@ -278,8 +277,14 @@ def _finite(values: Iterable[float]) -> np.ndarray:
     return values[np.isfinite(values)]
 
 
-def _t_quantile(n: int, confidence: float) -> float:
-    return float(stats.t.ppf((1 + confidence) / 2, n - 1))
+def _t_quantile(n, confidence: float):
+    """The two-sided Student-t quantile for n values (n may be an array, each >= 2)."""
+    return stats.t.ppf((1 + confidence) / 2, np.asarray(n) - 1)
+
+
+def t_half_width(std, n, confidence: float = CONFIDENCE):
+    """Half the width of the t-interval of a mean of n values with sample std `std` (arrays work)."""
+    return _t_quantile(n, confidence) * np.asarray(std) / np.sqrt(n)
 
 
 def mean_ci(values: Iterable[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
@@ -293,7 +298,7 @@ def mean_ci(values: Iterable[float], confidence: float = CONFIDENCE) -> tuple[fl
     mean = float(values.mean())
     if len(values) < 2:
         return mean, float("nan"), float("nan")
-    half = _t_quantile(len(values), confidence) * float(values.std(ddof=1)) / np.sqrt(len(values))
+    half = float(t_half_width(values.std(ddof=1), len(values), confidence))
     return mean, mean - half, mean + half
 
 
@@ -301,7 +306,7 @@ def fieller_interval(numerator: np.ndarray, denominator: np.ndarray, confidence:
     """Fieller's interval for mean(numerator) / mean(denominator) over paired seeds: the ratios r for
     which the t-interval of the paired differences numerator - r * denominator holds 0. (NaN, NaN)
     unless the denominator's mean is significantly away from 0 (the interval is then unbounded)."""
-    n, q = len(numerator), _t_quantile(len(numerator), confidence)
+    n, q = len(numerator), float(_t_quantile(len(numerator), confidence))
     (var_n, cov), (_, var_d) = np.cov(numerator, denominator, ddof=1) * q**2 / n  # of the means, times q^2
     mean_n, mean_d = float(numerator.mean()), float(denominator.mean())
     a, b, c = mean_d**2 - var_d, -2 * (mean_n * mean_d - cov), mean_n**2 - var_n  # a r^2 + b r + c <= 0

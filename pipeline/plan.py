@@ -241,7 +241,7 @@ class TrialSpec:
     env_id: str
     env_kwargs: dict[str, Any]
     task_id: str
-    seed: int  # the bootstrap unit: the teacher's number in the group (extrapolation) or the run on a held-out task
+    seed: int  # the unit intervals are over: the teacher's number in the group (extrapolation) or the run on a held-out task
     cutoff: float
     cutoff_step: int
     horizon: int  # env steps it runs: the group's H; for the in-data control, cutoff_step - prime_step

@@ -294,6 +294,8 @@ def test_mean_band_contains_the_mean_and_collapses_for_identical_seeds():
     mean, low, high = mean_band(values)
     np.testing.assert_allclose(mean, [2.0, 4.0, 6.0])
     assert np.all(low <= mean) and np.all(mean <= high) and np.all(high - low > 0)
+    assert high[0] - mean[0] == pytest.approx(4.303 * 1.0 / np.sqrt(3), rel=1e-3)  # the t-interval of 1, 3, 2
+    assert high[2] - mean[2] == pytest.approx(12.706 * np.std([5.0, 7.0], ddof=1) / np.sqrt(2), rel=1e-3)  # 2 seeds there
     _, low, high = mean_band(np.tile([[1.0, 5.0]], (4, 1)))
     np.testing.assert_allclose(low, high)
     _, low, _ = mean_band(np.array([[1.0, 2.0]]))  # one seed: no band

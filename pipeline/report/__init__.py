@@ -24,7 +24,7 @@ Inputs (the column contract)
 trials     one row per EXPECTED trial, whether it ran or not:
              trial_id (str), test ("extrapolation" | "transfer" | "control"), env (env id), group
              (teacher / imitator group), cutoff (fraction of the teacher budget; 1.0 for the control),
-             seed (int, the bootstrap unit: teacher seed or held-out task index), task_id (str),
+             seed (int, the unit intervals are over: teacher seed or held-out task index), task_id (str),
              arm (a name in pipeline.arms.ARMS: "imitator" | "teacher" | "snapshot" | "random" |
              "in_data"; in transfer and control "teacher" is a teacher learning the held-out task
              from scratch), context ("primed" | "empty"; "" for arms without an imitator),

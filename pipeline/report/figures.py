@@ -10,7 +10,7 @@ error-bar helper pipeline/compare.py's rerun figure shares.
 How to read the figures
 -----------------------
 Every line is a mean over seeds of the W-episode rolling mean return (each seed's episodes put on a
-common step grid, the last value carried forward), with a shaded 95% bootstrap band across seeds;
+common step grid, the last value carried forward), with a shaded 95% Student-t band across seeds;
 its legend entry ends with "(n=K)", the K seeds it is over ("(n=4 of 5 seeds)" where some seeds have
 no curve), so a wide band over two seeds reads as such. The legend sits right of the axes, never over
 the data. In curves_*, the teacher's recorded history is solid up to the cutoff (what the imitator was
@@ -35,13 +35,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from pipeline.arms import ARMS, CONTROL, EXTRAPOLATION, IMITATOR, IMITATOR_COLORS, IN_DATA, TESTS, arm_label
-from pipeline.metrics import (B_C_DEBIASED, BOOTSTRAP_SEED, CEILING_EXCEEDANCE, CONFIDENCE, COUNT, CUTOFF, ENV,
+from pipeline.metrics import (B_C_DEBIASED, CEILING_EXCEEDANCE, CONFIDENCE, COUNT, CUTOFF, ENV, t_half_width,
                               EXTRAPOLATION_RATIO, EXTRAPOLATION_RATIO_REASON, SEED, Curve, ci_columns)
 from pipeline.report.tables import (COMPARISON, CONTEXT, CONTEXT_STEPS, CUTOFF_STEP, GROUP, HORIZON_STEPS, NAN,
                                     PRIME_STEP, SIZE, STATUS_OF, TASK_ID, TEST, TRIAL_OF, VARIANT, RecordedCurve)
 
 FIGSIZE, DPI, GRID_POINTS = (11.5, 5), 120, 300  # wide enough for the legend right of the axes
-BAND_RESAMPLES = 2000  # bootstrap resamples of the bands drawn in figures (the tables use t-intervals)
 HISTORY_COLOR = "tab:blue"  # the teacher's recorded history
 ARM_LINE = dict(linewidth=1.8, zorder=2)
 HISTORY_LINE = dict(linewidth=1.2, zorder=3)  # thinner and above the arms: the continued teacher may retrace it
@@ -67,24 +66,15 @@ def on_grid(curve: Curve | None, grid: np.ndarray, window: int) -> np.ndarray:
     return np.where(index >= 0, rolling_returns(curve, window)[np.maximum(index, 0)], NAN)
 
 
-def mean_band(values: np.ndarray, n_resamples: int = BAND_RESAMPLES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """values (S seeds, G grid points) -> mean over the seeds with data, and its 95% percentile bootstrap band.
-
-    A percentile bootstrap over seeds, vectorised over grid points: a resample of seeds is a row of
-    multinomial counts, so its mean at every grid point is one matrix product. One seed: no band.
-    """
-    seeds = len(values)
-    finite = np.isfinite(values)
-    counts = np.random.default_rng(BOOTSTRAP_SEED).multinomial(seeds, np.full(seeds, 1.0 / seeds), size=n_resamples)
-    alpha = (1.0 - CONFIDENCE) / 2.0
+def mean_band(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """values (S seeds, G grid points) -> mean over the seeds with data at each point, and its 95%
+    Student-t band (as the tables' intervals); no band where fewer than 2 seeds have data."""
+    seeds = np.isfinite(values).sum(axis=0)  # (G,)
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)  # grid points where no seed has data yet: NaN
         mean = np.nanmean(values, axis=0)  # (G,)
-        samples = (counts @ np.where(finite, values, 0.0)) / (counts @ finite)  # (R, G)
-        low, high = np.nanquantile(samples, [alpha, 1.0 - alpha], axis=0)  # (G,) each
-    if seeds < 2:
-        low, high = np.full_like(mean, NAN), np.full_like(mean, NAN)
-    return mean, low, high
+        half = np.where(seeds >= 2, t_half_width(np.nanstd(values, axis=0, ddof=1), np.maximum(seeds, 2), CONFIDENCE), NAN)
+    return mean, mean - half, mean + half
 
 
 # --- drawing -------------------------------------------------------------------------------------
@@ -97,7 +87,7 @@ def with_n(label: str, n: int, expected: int | None = None) -> str:
 
 def draw_band(ax, x: np.ndarray, values: np.ndarray, label: str, color: str, linestyle: str = "-",
               line: dict = ARM_LINE) -> None:
-    """The mean of `values` (seeds x grid) as a line, its bootstrap band shaded below every line."""
+    """The mean of `values` (seeds x grid) as a line, its t-band shaded below every line."""
     mean, low, high = mean_band(values)
     ax.plot(x, mean, color=color, linestyle=linestyle, label=label, **line)
     ax.fill_between(x, low, high, color=color, alpha=0.18, linewidth=0, zorder=1)
@@ -138,7 +128,7 @@ def arm_series(rows: pd.DataFrame, scratch: bool) -> list[Series]:
 def draw_arms(ax, rows: pd.DataFrame, curves: dict[str, Curve], x0: float, window: int, scratch: bool,
               in_data_span: tuple[float, float] | None = None) -> None:
     """Each arm from x0 on (the in-data control over in_data_span, its start and length): mean over
-    the seeds that have a curve, with a bootstrap band; '(n=K)'."""
+    the seeds that have a curve, with a t-band; '(n=K)'."""
     grid = np.linspace(0, int(rows[HORIZON_STEPS].max()), GRID_POINTS)
     for arm in arm_series(rows, scratch):
         found = [curves.get(t) for t in arm.trial_ids if t is not None and t in curves]
@@ -148,8 +138,24 @@ def draw_arms(ax, rows: pd.DataFrame, curves: dict[str, Curve], x0: float, windo
             draw_band(ax, start + span, values, with_n(arm.label, len(found), len(arm.trial_ids)), arm.color, arm.linestyle)
 
 
+def fit_lines(ax, margin: float = 0.25) -> bool:
+    """Set the y range to the drawn curves (not their bands) with a margin; True when a band is cut.
+    Over two or three seeds a t-band can be ten times the curves' range and would flatten them."""
+    curves = [line.get_ydata() for line in ax.lines if len(line.get_xdata()) > 2]
+    values = np.concatenate([np.asarray(y, dtype=float) for y in curves]) if curves else np.zeros(0)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return False
+    low, high = values.min(), values.max()
+    pad = margin * max(high - low, 1e-9)
+    before = ax.get_ylim()
+    ax.set_ylim(low - pad, high + pad)
+    return before[0] < low - pad or before[1] > high + pad
+
+
 def finish(fig: Figure, ax, title: str, xlabel: str, window: int, path: str) -> str:
-    ax.set_title(title, fontsize=11)
+    cut = fit_lines(ax)
+    ax.set_title(title + ("\n(bands wider than the plot are cut at its edges)" if cut else ""), fontsize=11)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"episodic return (mean of last {window} episodes)")
     ax.grid(alpha=0.3)

@@ -45,7 +45,7 @@ class ReportSummary:
 
 def build_report(trials: pd.DataFrame, episodes: pd.DataFrame, histories: pd.DataFrame, out_dir: str, *,
                  window: int = WINDOW, rules: VerdictRules | None = None) -> ReportSummary:
-    """Metrics, summary with bootstrap CIs and verdicts, figures and report.md in `out_dir` (the column
+    """Metrics, summary with t-intervals and verdicts, figures and report.md in `out_dir` (the column
     contract and the outputs: pipeline/report/__init__.py). Malformed frames raise ReportError."""
     trials = normalise_trials(trials)
     if not (trials[ARM] == IMITATOR).any():

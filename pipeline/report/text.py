@@ -169,7 +169,7 @@ HOW_TO_READ = f"""\
   if not and it ends significantly below the teacher learning from scratch; else *{INCONCLUSIVE}*.
 - **{MISSING}: seeds [...]** replaces the verdict when a trial that verdict needs failed, is missing, or finished
   no episode; no verdict is ever drawn over fewer seeds. "missing trials" names each one.
-- Figures: lines are means over seeds of the W-episode rolling return, bands their {CONFIDENCE:.0%} bootstrap
+- Figures: lines are means over seeds of the W-episode rolling return, bands their {CONFIDENCE:.0%} Student-t
   interval; each legend entry ends with "(n=K)", the number of seeds its line and band are over (a band over
   two seeds can span the plot). In the learning curves the teacher's history is solid before the cutoff (the
   imitator's training data) and dashed after it (the future the imitator never saw), drawn thinner and on top
