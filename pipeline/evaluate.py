@@ -145,7 +145,8 @@ def _lockstep(units: list[TrialSpec], envs: list, act: Callable[[list, np.ndarra
 def snapshot_arm(units: list[TrialSpec], store: Store, experiment: str) -> Iterator[Episode]:
     teachers = []
     try:
-        teachers += [_restored_teacher(unit, store, experiment) for unit in units]
+        for unit in units:  # one at a time, so that those already restored are closed if one fails
+            teachers.append(_restored_teacher(unit, store, experiment))
         yield from snapshot_rollout(teachers, units)
     finally:
         for teacher in teachers:
@@ -208,7 +209,7 @@ def recorded_steps_before(trial: TrialSpec, step: int, store: Store, experiment:
     manifest = history.read_manifest()
     manifest.shards = [s for s in manifest.shards if s.last_step >= step - count and s.first_step < step]
     if not manifest.shards:  # step 0: the in-data control from the teacher's start, an empty context
-        return np.zeros((4, 0))
+        return tuple(np.zeros(0) for _ in range(4))
     table = history.read(manifest)
     batch = Transitions.from_table(table, check_schema(table.schema, history.dir))
     keep = (batch.step >= step - count) & (batch.step < step)

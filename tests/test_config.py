@@ -152,3 +152,13 @@ def test_resources_per_stage_come_from_the_preset_and_smoke_drops_them():
 def test_several_envs_per_learner_only_where_recorded(algo, streams, message):
     with pytest.raises(ConfigError, match=message):
         load_preset("smoke", [f"collect.teachers.darkroom.algo={algo}", f"collect.teachers.darkroom.algo_config={{{streams}}}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("evaluate.verdict={margin: 2}", r"evaluate.verdict: .*margin must be in \(0, 1\], not 2"),
+    ("evaluate.verdict={marg: 0.2}", r"evaluate.verdict.marg: unknown key"),
+])
+def test_bad_verdict_thresholds_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_preset("quick", [override])
+    assert load_preset("quick", ["evaluate.verdict={margin: 0.1}"]).evaluate.verdict.margin == 0.1
