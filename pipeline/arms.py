@@ -1,5 +1,5 @@
 """The arms of the evaluation grid, in one registry: which tests run each arm, how the report labels
-and colours it, the per-seed metric of its final return, and its rough cost. The plan reads it to
+and colours it, and its rough cost. The plan reads it to
 build the grid, evaluate to size and order the trials, the report to draw and tabulate them; an
 arm's rollout is a function in pipeline/evaluate.py registered under the same name.
 
@@ -10,8 +10,6 @@ arm's rollout is a function in pipeline/evaluate.py registered under the same na
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from pipeline.metrics import FINAL_IMITATOR, FINAL_IN_DATA, FINAL_RANDOM, FINAL_SNAPSHOT, FINAL_TEACHER
 
 # The tests (values of a trial's `test`): the cutoff test on the teachers' own tasks, the same
 # imitators on held-out tasks or envs, and the full-history imitator on held-out tasks.
@@ -30,18 +28,17 @@ class Arm:
     tests: tuple[str, ...]  # tests whose comparisons have a trial of this arm per unit (seed)
     label: str  # legend and table label
     color: str  # matplotlib colour; imitator variants take theirs from IMITATOR_COLORS instead
-    final_metric: str  # per-seed column of its final W-episode mean (pipeline.metrics)
     cost: int  # rough relative cost per env step: the longest trials start first
     scratch_label: str = ""  # label where it learns a held-out task from scratch, if it reads differently there
 
 
 ARMS: dict[str, Arm] = {arm.name: arm for arm in (
-    Arm(IMITATOR, TESTS, "imitator", "tab:red", FINAL_IMITATOR, cost=2),
-    Arm(TEACHER, TESTS, "continued teacher", "tab:green", FINAL_TEACHER, cost=4,
+    Arm(IMITATOR, TESTS, "imitator", "tab:red", cost=2),
+    Arm(TEACHER, TESTS, "continued teacher", "tab:green", cost=4,
         scratch_label="teacher learning from scratch"),
-    Arm(SNAPSHOT, (EXTRAPOLATION,), "frozen snapshot at cutoff", "tab:orange", FINAL_SNAPSHOT, cost=1),
-    Arm(RANDOM, TESTS, "random policy", "tab:gray", FINAL_RANDOM, cost=0),
-    Arm(IN_DATA, (EXTRAPOLATION,), "imitator from c' (in-data control)", "tab:blue", FINAL_IN_DATA, cost=2),
+    Arm(SNAPSHOT, (EXTRAPOLATION,), "frozen snapshot at cutoff", "tab:orange", cost=1),
+    Arm(RANDOM, TESTS, "random policy", "tab:gray", cost=0),
+    Arm(IN_DATA, (EXTRAPOLATION,), "imitator from c' (in-data control)", "tab:blue", cost=2),
 )}
 IMITATOR_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "black")
 
